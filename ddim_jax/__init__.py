@@ -1,0 +1,43 @@
+"""ddim_jax: an exact, fast DDIM sampler for JAX (diffusers ``DDIMScheduler`` semantics).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import ddim_jax
+  >>> state = ddim_jax.set_timesteps(ddim_jax.create_state(ddim_jax.DDIMConfig()), 20)
+  >>> x_T = jax.random.normal(jax.random.key(0), (1, 4, 8, 8))
+  >>> ddim_jax.sample(lambda x, t: 0.1 * x, state, x_T).shape
+  (1, 4, 8, 8)
+"""
+
+from ddim_jax._config import DDIMConfig
+from ddim_jax._forward import add_noise, get_velocity, scale_model_input
+from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
+from ddim_jax._interpolation import slerp
+from ddim_jax._inversion import invert, inverse_step
+from ddim_jax._loop import Trajectory
+from ddim_jax._sample import sample
+from ddim_jax._state import DDIMState, betas_for_config, create_state, set_timesteps
+from ddim_jax._step import MIN_ALPHA_CUMPROD, StepOutput, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MIN_ALPHA_CUMPROD",
+    "DDIMConfig",
+    "DDIMState",
+    "StepOutput",
+    "Trajectory",
+    "add_noise",
+    "betas_for_config",
+    "classifier_free_guidance",
+    "create_state",
+    "get_velocity",
+    "inverse_step",
+    "invert",
+    "rescale_noise_cfg",
+    "sample",
+    "scale_model_input",
+    "set_timesteps",
+    "slerp",
+    "step",
+]

@@ -1,0 +1,81 @@
+"""Input checks shared by the public functions: Python-time errors that name the parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax._state import DDIMState
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` has no concrete value at trace time (inside jit, grad, vmap, scan)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_ready(state: DDIMState, fn: str) -> None:
+    if not isinstance(state, DDIMState):
+        raise TypeError(f"state must be a DDIMState, got {type(state).__name__}")
+    if state.timesteps is None:
+        raise ValueError(f"{fn} needs timesteps: call set_timesteps(state, num_inference_steps) first")
+
+
+def check_same_shape(name: str, x: Any, ref_name: str, ref: Any) -> None:
+    if jnp.shape(x) != jnp.shape(ref):
+        raise ValueError(
+            f"Shape mismatch: {name} has shape {jnp.shape(x)}, expected {ref_name}'s {jnp.shape(ref)}"
+        )
+
+
+def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample: Any) -> jax.Array:
+    """Checks a scalar or per-example ``(batch,)`` timestep; range-checks concrete values."""
+    shape = jnp.shape(timesteps)
+    batch = jnp.shape(sample)[:1]
+    if shape not in ((), batch):
+        raise ValueError(
+            f"{name} must be a scalar or have shape (batch,) = {batch}, got shape {shape}"
+        )
+    if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(timesteps)}")
+    if not is_traced(timesteps):
+        values = np.asarray(timesteps)
+        if values.size and (values.min() < 0 or values.max() >= num_train_timesteps):
+            raise ValueError(
+                f"{name} must be in [0, num_train_timesteps={num_train_timesteps}), got {values.tolist()}"
+            )
+    return jnp.asarray(timesteps, dtype=jnp.int32)
+
+
+def check_eta(eta: Any, key: Any, variance_noise: Any) -> bool:
+    """Validates eta against the noise sources; returns whether noise is added at all."""
+    if key is not None and variance_noise is not None:
+        raise ValueError("pass either key or variance_noise, not both")
+    if jnp.ndim(eta) != 0:
+        raise ValueError(f"eta must be a scalar, got shape {jnp.shape(eta)}")
+    if is_traced(eta):
+        if key is None and variance_noise is None:
+            raise ValueError(
+                "eta is traced, so its value cannot be checked: pass key or variance_noise "
+                "(or a Python float eta of 0.0 for deterministic DDIM)"
+            )
+        return True
+    value = float(eta)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {value}")
+    if value > 0 and key is None and variance_noise is None:
+        raise ValueError(f"eta={value} > 0 needs a noise source: pass key or variance_noise")
+    return value > 0
+
+
+def compute_dtype(*arrays: Any) -> jnp.dtype:
+    """float32, or float64 when an input is float64 (with x64 enabled)."""
+    dtype = jnp.result_type(*arrays)
+    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def per_example(values: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes scalar or ``(batch,)`` values to broadcast against an ``ndim`` array."""
+    return values if jnp.ndim(values) == 0 else values.reshape(values.shape + (1,) * (ndim - 1))

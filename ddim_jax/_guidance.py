@@ -1,0 +1,54 @@
+"""Classifier-free guidance and guidance rescale (Lin et al. 2023, Algorithm 2)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ddim_jax._checks import check_same_shape
+
+__all__ = ["classifier_free_guidance", "rescale_noise_cfg"]
+
+
+def rescale_noise_cfg(
+    noise_cfg: jax.Array, noise_pred_text: jax.Array, guidance_rescale: float | jax.Array = 0.0
+) -> jax.Array:
+    """diffusers ``rescale_noise_cfg``: match the guided output's std to the conditional one's.
+
+    Standard deviations are per example, over all non-batch axes.
+    ``out = phi * cfg * std(cond) / std(cfg) + (1 - phi) * cfg`` with ``phi = guidance_rescale``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import rescale_noise_cfg
+      >>> cfg, cond = jnp.array([[0.0, 4.0]]), jnp.array([[0.0, 2.0]])
+      >>> rescale_noise_cfg(cfg, cond, 1.0).tolist()
+      [[0.0, 2.0]]
+    """
+    check_same_shape("noise_pred_text", noise_pred_text, "noise_cfg", noise_cfg)
+    axes = tuple(range(1, jnp.ndim(noise_cfg)))
+    std_text = jnp.std(noise_pred_text, axis=axes, keepdims=True, ddof=1)
+    std_cfg = jnp.std(noise_cfg, axis=axes, keepdims=True, ddof=1)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def classifier_free_guidance(
+    uncond: jax.Array,
+    cond: jax.Array,
+    guidance_scale: float | jax.Array,
+    guidance_rescale: float | jax.Array = 0.0,
+) -> jax.Array:
+    """``uncond + w * (cond - uncond)``, then `rescale_noise_cfg` when ``guidance_rescale`` may be non-zero.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import classifier_free_guidance
+      >>> classifier_free_guidance(jnp.zeros((1, 2)), jnp.ones((1, 2)), 7.5).tolist()
+      [[7.5, 7.5]]
+    """
+    check_same_shape("cond", cond, "uncond", uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0:
+        return guided
+    return rescale_noise_cfg(guided, cond, guidance_rescale)

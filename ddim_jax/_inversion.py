@@ -1,0 +1,120 @@
+"""DDIM inversion: `inverse_step` (diffusers ``DDIMInverseScheduler.step``) and the `invert` loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype, per_example
+from ddim_jax._config import DDIMConfig
+from ddim_jax._loop import (
+    ModelFn,
+    StepCallback,
+    Trajectory,
+    check_loop_options,
+    guided_model_output,
+    scan_steps,
+)
+from ddim_jax._state import DDIMState
+from ddim_jax._step import StepOutput, alpha_at, clip_or_threshold, predict_x0_and_eps, prev_timestep
+
+__all__ = ["inverse_step", "invert"]
+
+
+def _inverse_update(
+    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array, alpha_next: jax.Array
+) -> StepOutput:
+    x0, eps = predict_x0_and_eps(config, model_output, sample, alpha_t)
+    x0 = clip_or_threshold(config, x0, allow_thresholding=False)  # diffusers' inverse only clips
+    return StepOutput(jnp.sqrt(alpha_next) * x0 + jnp.sqrt(1 - alpha_next) * eps, x0)
+
+
+def _source_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
+    """The noise level an inversion step to ``timesteps`` starts from (-1: the initial alpha)."""
+    return jnp.minimum(prev_timestep(state, timesteps), state.config.num_train_timesteps - 1)
+
+
+def inverse_step(
+    state: DDIMState, model_output: jax.Array, timestep: int | jax.Array, sample: jax.Array
+) -> StepOutput:
+    """One deterministic DDIM inversion step, up to the noisier ``timestep``.
+
+    Matches diffusers ``DDIMInverseScheduler.step`` for the same config: the sample sits at
+    the schedule entry before ``timestep`` (``timestep - T // S`` by diffusers' rule), the
+    model output is evaluated at ``timestep``, and x0 is clipped per ``clip_sample``
+    (the inverse scheduler applies no dynamic thresholding).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, inverse_step
+      >>> state = set_timesteps(create_state(DDIMConfig()), 10)
+      >>> x = jnp.ones((1, 3))
+      >>> inverse_step(state, jnp.zeros_like(x), state.timesteps[-1], x).prev_sample.shape
+      (1, 3)
+    """
+    check_ready(state, "inverse_step")
+    check_same_shape("model_output", model_output, "sample", sample)
+    t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
+    dtype = compute_dtype(model_output, sample)
+    ndim = jnp.ndim(sample)
+    alpha_t = per_example(alpha_at(state, _source_timestep(state, t)), ndim).astype(dtype)
+    alpha_next = per_example(state.alphas_cumprod[t], ndim).astype(dtype)
+    return _inverse_update(
+        state.config, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype), alpha_t, alpha_next
+    )
+
+
+def invert(
+    model_fn: ModelFn,
+    state: DDIMState,
+    x0: jax.Array,
+    *,
+    model_args: tuple = (),
+    guidance_scale: float | jax.Array | None = None,
+    guidance_rescale: float | jax.Array = 0.0,
+    model_dtype: Any = None,
+    return_trajectory: bool = False,
+    callback: StepCallback | None = None,
+    callback_every: int = 1,
+    remat: bool = False,
+) -> jax.Array | tuple[jax.Array, Trajectory]:
+    """Encodes a clean sample to noise by running `inverse_step` over the ascending schedule.
+
+    One ``lax.scan``; the arguments mean what they mean for `sample`. Sampling the result
+    with the same state and eta = 0 reconstructs ``x0`` (closely, for enough steps).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, invert, sample
+      >>> state = set_timesteps(create_state(DDIMConfig(clip_sample=False)), 1000)
+      >>> model_fn = lambda x, t: 0.5 * x
+      >>> x0 = jnp.full((1, 2), 0.3)
+      >>> x_T = invert(model_fn, state, x0)
+      >>> bool(jnp.allclose(sample(model_fn, state, x_T), x0, atol=5e-3))
+      True
+    """
+    check_ready(state, "invert")
+    check_loop_options(x0, model_args, callback, callback_every, model_dtype)
+    config = state.config
+    dtype = compute_dtype(x0)
+    timesteps = state.timesteps[::-1]
+    sources = _source_timestep(state, timesteps)
+
+    def update(x, step_inputs):
+        t, t_source = step_inputs
+        out = guided_model_output(model_fn, x, t, model_args, guidance_scale, guidance_rescale, model_dtype)
+        alpha_t = alpha_at(state, t_source).astype(dtype)
+        return _inverse_update(config, out, x, alpha_t, state.alphas_cumprod[t].astype(dtype))
+
+    x, trajectory = scan_steps(
+        update,
+        jnp.asarray(x0, dtype),
+        (timesteps, sources),
+        return_trajectory=return_trajectory,
+        callback=callback,
+        callback_every=callback_every,
+        remat=remat,
+    )
+    return (x, trajectory) if return_trajectory else x

@@ -1,0 +1,192 @@
+"""`step`: one DDIM update x_t -> x_{t_prev}, with diffusers' arithmetic."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax._checks import (
+    check_eta,
+    check_ready,
+    check_same_shape,
+    check_timesteps,
+    compute_dtype,
+    is_traced,
+    per_example,
+)
+from ddim_jax._config import DDIMConfig
+from ddim_jax._state import DDIMState
+
+__all__ = ["StepOutput", "step", "MIN_ALPHA_CUMPROD"]
+
+# Floor on alpha_cumprod(t) when converting an epsilon prediction to x0. It only acts on a
+# zero-terminal-SNR schedule's last entry (alphas_cumprod[T-1] == 0), where diffusers' DDIM
+# divides by zero and returns inf/NaN; diffusers' Euler, DPM-Solver and UniPC schedulers
+# clamp to the same value. Every other schedule entry is far above it.
+MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+class StepOutput(NamedTuple):
+    """Result of one scheduler step.
+
+    Attributes:
+      prev_sample: the sample at the previous (less noisy) timestep.
+      pred_original_sample: the model's predicted x0 after clipping or thresholding.
+    """
+
+    prev_sample: jax.Array
+    pred_original_sample: jax.Array
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """sqrt(max(x, 0)) with a zero (not NaN) gradient at and below 0."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def predict_x0_and_eps(
+    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Converts the model output to (x0, epsilon) for the config's prediction type."""
+    if config.prediction_type == "epsilon":
+        alpha_t = jnp.maximum(alpha_t, MIN_ALPHA_CUMPROD)
+        x0 = (sample - jnp.sqrt(1 - alpha_t) * model_output) / jnp.sqrt(alpha_t)
+        return x0, model_output
+    if config.prediction_type == "sample":
+        eps = (sample - jnp.sqrt(alpha_t) * model_output) / jnp.sqrt(1 - alpha_t)
+        return model_output, eps
+    x0 = jnp.sqrt(alpha_t) * sample - jnp.sqrt(1 - alpha_t) * model_output  # v_prediction
+    eps = jnp.sqrt(alpha_t) * model_output + jnp.sqrt(1 - alpha_t) * sample
+    return x0, eps
+
+
+def dynamic_threshold(config: DDIMConfig, x0: jax.Array) -> jax.Array:
+    """Imagen dynamic thresholding, per example along the leading (batch) axis."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = jnp.quantile(jnp.abs(flat), config.dynamic_thresholding_ratio, axis=1)
+    s = jnp.clip(s, 1.0, config.sample_max_value)[:, None]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape)
+
+
+def clip_or_threshold(config: DDIMConfig, x0: jax.Array, allow_thresholding: bool = True) -> jax.Array:
+    if config.thresholding and allow_thresholding:
+        return dynamic_threshold(config, x0)
+    if config.clip_sample:
+        return jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+    return x0
+
+
+def ddim_update(
+    config: DDIMConfig,
+    model_output: jax.Array,
+    sample: jax.Array,
+    alpha_t: jax.Array,
+    alpha_prev: jax.Array,
+    *,
+    eta: jax.Array | float,
+    noise: jax.Array | None,
+    use_clipped_model_output: bool,
+) -> StepOutput:
+    """The DDIM update on compute-dtype arrays; alphas already broadcast against sample."""
+    x0, eps = predict_x0_and_eps(config, model_output, sample, alpha_t)
+    x0 = clip_or_threshold(config, x0)
+    if use_clipped_model_output:
+        eps = (sample - jnp.sqrt(alpha_t) * x0) / jnp.sqrt(1 - alpha_t)
+    prev = jnp.sqrt(alpha_prev) * x0
+    if noise is None:
+        return StepOutput(prev + jnp.sqrt(1 - alpha_prev) * eps, x0)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * jnp.sqrt(variance)
+    prev = prev + safe_sqrt(1 - alpha_prev - std**2) * eps + std * noise
+    return StepOutput(prev, x0)
+
+
+def alpha_at(state: DDIMState, timesteps: jax.Array) -> jax.Array:
+    """alphas_cumprod[t], or the final alpha where t < 0."""
+    table = state.alphas_cumprod[jnp.maximum(timesteps, 0)]
+    return jnp.where(timesteps >= 0, table, state.final_alpha_cumprod)
+
+
+def prev_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
+    """The timestep a step from ``timesteps`` moves to, per ``config.prev_timestep_rule``."""
+    config = state.config
+    if config.prev_timestep_rule == "diffusers":
+        return timesteps - config.num_train_timesteps // state.num_inference_steps
+    if not is_traced(timesteps):
+        missing = np.setdiff1d(np.asarray(timesteps), np.asarray(state.timesteps))
+        if missing.size:
+            raise ValueError(
+                "with prev_timestep_rule='schedule', timestep must be one of state.timesteps; "
+                f"got {missing.tolist()}"
+            )
+    index = jnp.argmax(jnp.expand_dims(timesteps, -1) == state.timesteps, axis=-1)
+    return state.prev_timesteps[index]
+
+
+def step(
+    state: DDIMState,
+    model_output: jax.Array,
+    timestep: int | jax.Array,
+    sample: jax.Array,
+    *,
+    eta: float | jax.Array = 0.0,
+    key: jax.Array | None = None,
+    variance_noise: jax.Array | None = None,
+    use_clipped_model_output: bool = False,
+) -> StepOutput:
+    """One DDIM step from ``timestep`` to the previous timestep (diffusers ``DDIMScheduler.step``).
+
+    Args:
+      state: a state after `set_timesteps`.
+      model_output: the model's prediction (epsilon, x0 or v per ``prediction_type``),
+        the shape of ``sample``; any float dtype.
+      timestep: the current timestep: a Python int, a traced int scalar, or an int array
+        of shape ``(batch,)`` giving each example its own timestep.
+      sample: the current noisy sample x_t, batch first.
+      eta: DDIM's eta (0 deterministic, 1 DDPM-like); a float or a traced scalar.
+      key: a ``jax.random`` key for the eta noise.
+      variance_noise: the eta noise itself (shape of ``sample``), instead of ``key``.
+      use_clipped_model_output: recompute epsilon from the clipped x0 (diffusers' flag).
+
+    Returns:
+      `StepOutput` ``(prev_sample, pred_original_sample)``, in float32 (float64 when
+      ``sample`` or ``model_output`` is float64 and x64 is enabled), whatever the model's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, step
+      >>> state = set_timesteps(create_state(DDIMConfig()), 10)
+      >>> x = jnp.ones((2, 3))
+      >>> out = step(state, jnp.zeros_like(x), state.timesteps[0], x)
+      >>> out.prev_sample.shape, out.prev_sample.dtype
+      ((2, 3), dtype('float32'))
+    """
+    check_ready(state, "step")
+    check_same_shape("model_output", model_output, "sample", sample)
+    if variance_noise is not None:
+        check_same_shape("variance_noise", variance_noise, "sample", sample)
+    t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
+    add_noise = check_eta(eta, key, variance_noise)
+    dtype = compute_dtype(model_output, sample)
+    ndim = jnp.ndim(sample)
+    alpha_t = per_example(alpha_at(state, t), ndim).astype(dtype)
+    alpha_prev = per_example(alpha_at(state, prev_timestep(state, t)), ndim).astype(dtype)
+    noise = None
+    if add_noise:
+        if variance_noise is None:
+            noise = jax.random.normal(key, jnp.shape(sample), dtype)
+        else:
+            noise = jnp.asarray(variance_noise, dtype)
+    return ddim_update(
+        state.config,
+        jnp.asarray(model_output, dtype),
+        jnp.asarray(sample, dtype),
+        alpha_t,
+        alpha_prev,
+        eta=jnp.asarray(eta, dtype),
+        noise=noise,
+        use_clipped_model_output=use_clipped_model_output,
+    )
