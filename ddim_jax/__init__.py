@@ -13,7 +13,7 @@ from ddim_jax._config import DDIMConfig
 from ddim_jax._forward import add_noise, get_velocity, scale_model_input
 from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._interpolation import slerp
-from ddim_jax._inversion import invert, inverse_step
+from ddim_jax._inversion import inverse_step, invert
 from ddim_jax._loop import Trajectory
 from ddim_jax._sample import sample
 from ddim_jax._state import DDIMState, betas_for_config, create_state, set_timesteps

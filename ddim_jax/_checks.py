@@ -35,9 +35,7 @@ def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample:
     shape = jnp.shape(timesteps)
     batch = jnp.shape(sample)[:1]
     if shape not in ((), batch):
-        raise ValueError(
-            f"{name} must be a scalar or have shape (batch,) = {batch}, got shape {shape}"
-        )
+        raise ValueError(f"{name} must be a scalar or have shape (batch,) = {batch}, got shape {shape}")
     if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
         raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(timesteps)}")
     if not is_traced(timesteps):

@@ -173,8 +173,7 @@ class DDIMConfig:
             raise ValueError(f"malformed JSON in scheduler config {os.fspath(path)!r}: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(
-                f"scheduler config {os.fspath(path)!r} must hold a JSON object, "
-                f"got {type(data).__name__}"
+                f"scheduler config {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}"
             )
         return cls.from_dict(data)
 

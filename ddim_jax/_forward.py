@@ -62,7 +62,9 @@ def get_velocity(
     return signal * jnp.asarray(noise, dtype) - sigma * jnp.asarray(sample, dtype)
 
 
-def scale_model_input(state: DDIMState, sample: jax.Array, timestep: int | jax.Array | None = None) -> jax.Array:
+def scale_model_input(
+    state: DDIMState, sample: jax.Array, timestep: int | jax.Array | None = None
+) -> jax.Array:
     """DDIM needs no input scaling: returns ``sample`` unchanged (for API parity with diffusers).
 
     Example:
