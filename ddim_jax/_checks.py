@@ -32,6 +32,8 @@ def check_same_shape(name: str, x: Any, ref_name: str, ref: Any) -> None:
 
 def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample: Any) -> jax.Array:
     """Checks a scalar or per-example ``(batch,)`` timestep; range-checks concrete values."""
+    if isinstance(timesteps, (list, tuple)):
+        timesteps = np.asarray(timesteps)
     shape = jnp.shape(timesteps)
     batch = jnp.shape(sample)[:1]
     if shape not in ((), batch):

@@ -29,7 +29,10 @@ def rescale_noise_cfg(
     axes = tuple(range(1, jnp.ndim(noise_cfg)))
     std_text = jnp.std(noise_pred_text, axis=axes, keepdims=True, ddof=1)
     std_cfg = jnp.std(noise_cfg, axis=axes, keepdims=True, ddof=1)
-    rescaled = noise_cfg * (std_text / std_cfg)
+    # A constant guided output (std 0) is left as is rather than turned into NaN, so a traced
+    # guidance_rescale of 0 always equals plain CFG.
+    ratio = jnp.where(std_cfg > 0, std_text / jnp.where(std_cfg > 0, std_cfg, 1), 1)
+    rescaled = noise_cfg * ratio
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 

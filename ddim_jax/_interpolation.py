@@ -14,7 +14,7 @@ def slerp(x0: jax.Array, x1: jax.Array, alpha: float | jax.Array) -> jax.Array:
     """Spherical linear interpolation ``sin((1-a) theta)/sin(theta) x0 + sin(a theta)/sin(theta) x1``.
 
     ``theta = arccos(<x0, x1> / (|x0| |x1|))`` over all elements. Falls back to linear
-    interpolation when the latents are (nearly) parallel.
+    interpolation when the latents are (nearly) parallel or anti-parallel, or one is zero.
 
     Args:
       x0, x1: latents of the same shape.
@@ -38,9 +38,12 @@ def slerp(x0: jax.Array, x1: jax.Array, alpha: float | jax.Array) -> jax.Array:
     dtype = compute_dtype(x0, x1)
     x0, x1 = jnp.asarray(x0, dtype), jnp.asarray(x1, dtype)
     a = jnp.asarray(alpha, dtype).reshape(jnp.shape(alpha) + (1,) * x0.ndim)
-    cos = jnp.vdot(x0, x1) / (jnp.linalg.norm(x0) * jnp.linalg.norm(x1))
-    theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
-    parallel = jnp.abs(jnp.sin(theta)) < 1e-6
+    norms = jnp.linalg.norm(x0) * jnp.linalg.norm(x1)
+    cos = jnp.clip(jnp.vdot(x0, x1) / jnp.where(norms > 0, norms, 1.0), -1.0, 1.0)
+    # (Nearly) parallel, anti-parallel or zero latents: the angle is undefined or sin(theta) ~ 0.
+    # The masked arccos keeps values and gradients finite there.
+    parallel = (norms == 0) | (1 - jnp.abs(cos) < 1e-7)
+    theta = jnp.arccos(jnp.where(parallel, 0.0, cos))
     sin_theta = jnp.where(parallel, 1.0, jnp.sin(theta))
     w0 = jnp.where(parallel, 1 - a, jnp.sin((1 - a) * theta) / sin_theta)
     w1 = jnp.where(parallel, a, jnp.sin(a * theta) / sin_theta)

@@ -100,18 +100,19 @@ def invert(
     config = state.config
     dtype = compute_dtype(x0)
     timesteps = state.timesteps[::-1]
-    sources = _source_timestep(state, timesteps)
+    # Per-step alphas are gathered once, outside the scan, so the body only reads scalars.
+    alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
+    alphas_next = state.alphas_cumprod[timesteps].astype(dtype)
 
     def update(x, step_inputs):
-        t, t_source = step_inputs
+        t, alpha_t, alpha_next = step_inputs
         out = guided_model_output(model_fn, x, t, model_args, guidance_scale, guidance_rescale, model_dtype)
-        alpha_t = alpha_at(state, t_source).astype(dtype)
-        return _inverse_update(config, out, x, alpha_t, state.alphas_cumprod[t].astype(dtype))
+        return _inverse_update(config, out, x, alpha_t, alpha_next)
 
     x, trajectory = scan_steps(
         update,
         jnp.asarray(x0, dtype),
-        (timesteps, sources),
+        (timesteps, alphas_source, alphas_next),
         return_trajectory=return_trajectory,
         callback=callback,
         callback_every=callback_every,

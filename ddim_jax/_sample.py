@@ -22,6 +22,21 @@ from ddim_jax._step import alpha_at, ddim_update
 __all__ = ["sample"]
 
 
+def _check_key(key: Any) -> None:
+    """A single key: a typed ``jax.random.key`` scalar or a legacy uint32 ``PRNGKey`` vector."""
+    if key is None:
+        return
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return
+    if dtype == jnp.uint32 and len(shape) == 1:
+        return
+    raise TypeError(
+        "key must be a single jax.random key, e.g. jax.random.key(0), "
+        f"got {type(key).__name__} with dtype {dtype} and shape {shape}"
+    )
+
+
 def sample(
     model_fn: ModelFn,
     state: DDIMState,
@@ -42,8 +57,12 @@ def sample(
     """Denoises ``latents`` over ``state.timesteps`` in one ``lax.scan`` (no host round-trips).
 
     Pure and jit-compatible; jit is the caller's choice, at the outermost function. Pass
-    model parameters, eta, guidance scale and keys as arguments of that jitted function so
-    they stay traced: new values then reuse the compiled program (see README).
+    model parameters (through ``model_args``), conditioning, latents, key, eta, guidance scale
+    and rescale as arguments of that jitted function so they stay traced: new values then
+    reuse the compiled program. A ``model_fn`` that closes over parameters instead
+    (``lambda x, t: apply(params, x, t)`` under jit) compiles them in as constants.
+    The state may be closed over or passed as an argument; changing the number of steps
+    (``timesteps.shape``) or the config compiles a new program.
 
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output`` with ``t`` an int32 scalar.
@@ -80,12 +99,20 @@ def sample(
       >>> x_T = jax.random.normal(jax.random.key(0), (2, 4))
       >>> sample(model_fn, state, x_T).shape
       (2, 4)
-      >>> run = jax.jit(lambda x, key, eta: sample(model_fn, state, x, key=key, eta=eta))
-      >>> run(x_T, jax.random.key(1), 0.5).shape
+      >>> def model(x, t, w):  # parameters come in as arguments: traced, not baked in
+      ...     return w * x
+      >>> @jax.jit
+      ... def run(w, x, key, eta):
+      ...     return sample(model, state, x, key=key, eta=eta, model_args=(w,))
+      >>> run(0.1, x_T, jax.random.key(1), 0.5).shape
       (2, 4)
+      >>> _ = run(0.2, x_T, jax.random.key(2), 0.0)  # new values, same compiled program
+      >>> run._cache_size()
+      1
     """
     check_ready(state, "sample")
     check_loop_options(latents, model_args, callback, callback_every, model_dtype)
+    _check_key(key)
     add_noise = check_eta(eta, key, None)
     config = state.config
     dtype = compute_dtype(latents)
@@ -93,17 +120,20 @@ def sample(
     eta = jnp.asarray(eta, dtype)
     timesteps = state.timesteps
     keys = jax.random.split(key, timesteps.shape[0]) if add_noise else None
+    # Per-step alphas are gathered once, outside the scan, so the body only reads scalars.
+    alphas_t = alpha_at(state, timesteps).astype(dtype)
+    alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
 
     def update(x, step_inputs):
-        t, t_prev, step_key = step_inputs
+        t, alpha_t, alpha_prev, step_key = step_inputs
         out = guided_model_output(model_fn, x, t, model_args, guidance_scale, guidance_rescale, model_dtype)
         noise = jax.random.normal(step_key, x.shape, dtype) if add_noise else None
         return ddim_update(
             config,
             out,
             x,
-            alpha_at(state, t).astype(dtype),
-            alpha_at(state, t_prev).astype(dtype),
+            alpha_t,
+            alpha_prev,
             eta=eta,
             noise=noise,
             use_clipped_model_output=use_clipped_model_output,
@@ -112,7 +142,7 @@ def sample(
     x, trajectory = scan_steps(
         update,
         x,
-        (timesteps, state.prev_timesteps, keys),
+        (timesteps, alphas_t, alphas_prev, keys),
         return_trajectory=return_trajectory,
         callback=callback,
         callback_every=callback_every,

@@ -22,10 +22,11 @@ from ddim_jax._state import DDIMState
 
 __all__ = ["StepOutput", "step", "MIN_ALPHA_CUMPROD"]
 
-# Floor on alpha_cumprod(t) when converting an epsilon prediction to x0. It only acts on a
-# zero-terminal-SNR schedule's last entry (alphas_cumprod[T-1] == 0), where diffusers' DDIM
-# divides by zero and returns inf/NaN; diffusers' Euler, DPM-Solver and UniPC schedulers
-# clamp to the same value. Every other schedule entry is far above it.
+# Stand-in for an alpha_cumprod(t) of exactly 0 when converting an epsilon prediction to x0:
+# a zero-terminal-SNR schedule's last entry (alphas_cumprod[T-1] == 0), where diffusers' DDIM
+# divides by zero and returns inf/NaN; diffusers' Euler, DPM-Solver and UniPC schedulers set
+# that entry to the same value. Only exact zeros are replaced: positive entries, even smaller
+# ones (squaredcos_cap_v2 ends at ~2.4e-9), are used as they are, as diffusers does.
 MIN_ALPHA_CUMPROD = 2.0**-24
 
 
@@ -52,7 +53,7 @@ def predict_x0_and_eps(
 ) -> tuple[jax.Array, jax.Array]:
     """Converts the model output to (x0, epsilon) for the config's prediction type."""
     if config.prediction_type == "epsilon":
-        alpha_t = jnp.maximum(alpha_t, MIN_ALPHA_CUMPROD)
+        alpha_t = jnp.where(alpha_t > 0, alpha_t, MIN_ALPHA_CUMPROD)
         x0 = (sample - jnp.sqrt(1 - alpha_t) * model_output) / jnp.sqrt(alpha_t)
         return x0, model_output
     if config.prediction_type == "sample":
@@ -99,8 +100,18 @@ def ddim_update(
     if noise is None:
         return StepOutput(prev + jnp.sqrt(1 - alpha_prev) * eps, x0)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    std = eta * jnp.sqrt(variance)
-    prev = prev + safe_sqrt(1 - alpha_prev - std**2) * eps + std * noise
+    std = eta * safe_sqrt(variance)
+    # diffusers' direction coefficient sqrt(1 - a_prev - std^2), rearranged so that no terms
+    # cancel for eta <= 1: (1 - a_prev) ((1 - eta^2)(1 - a_t) + eta^2 a_t (1 - a_prev) / a_prev)
+    # / (1 - a_t). The direct form rounds below 0 at eta = 1 in float32 (diffusers #5969: NaN);
+    # this one is >= 0 and exactly 0 where the exact value is (a_prev = 1, or a_t = 0 at eta = 1).
+    eta2 = eta**2
+    direction = (
+        (1 - alpha_prev)
+        * ((1 - eta2) * (1 - alpha_t) + eta2 * alpha_t * (1 - alpha_prev) / alpha_prev)
+        / (1 - alpha_t)
+    )
+    prev = prev + safe_sqrt(direction) * eps + std * noise
     return StepOutput(prev, x0)
 
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The benchmark suite on a lent GPU machine (H100/H200 with JAX and torch, no internet).
+# Run from the repository root through the device tool, carrying the diffusers wheel:
+#   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=330)
+# It writes ${OUT:-.}/RESULTS_gpu.md (this GPU's section), ${OUT:-.}/RESULTS.md (the whole
+# file) and ${OUT:-.}/bench_gpu.log. Fold the section in here with:
+#   python benchmarks/run_all.py --merge <files_at>/RESULTS_gpu.md
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:.
+export PYTHONUNBUFFERED=1
+OUT_DIR="${OUT:-.}"
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# The suite stops starting new parts after --budget seconds; timeout is the hard stop.
+timeout 280 python3 benchmarks/run_all.py --budget 200 2>&1 | tee "$OUT_DIR/bench_gpu.log"
