@@ -45,8 +45,25 @@ def on_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
 
 
-def state_for(steps: int) -> ddim_jax.DDIMState:
-    return ddim_jax.set_timesteps(ddim_jax.create_state(ddim_jax.DDIMConfig(**SD_CONFIG)), steps)
+def state_for(steps: int, **overrides: Any) -> ddim_jax.DDIMState:
+    config = ddim_jax.DDIMConfig(**{**SD_CONFIG, **overrides})
+    return ddim_jax.set_timesteps(ddim_jax.create_state(config), steps)
+
+
+# Headline numbers each suite records for run_all's goal table: name -> {label: value}.
+SUMMARY: dict[str, dict[str, float]] = {}
+
+
+# Wall-clock time (time.perf_counter) after which suites skip their remaining cases; run_all's --budget.
+DEADLINE: float | None = None
+
+
+def out_of_time() -> bool:
+    return DEADLINE is not None and time.perf_counter() > DEADLINE
+
+
+def record(name: str, label: str, value: float) -> None:
+    SUMMARY.setdefault(name, {})[label] = float(value)
 
 
 def block(x: Any) -> Any:
@@ -210,6 +227,10 @@ def device_label() -> str:
     return f"{d.platform}: {d.device_kind}"
 
 
+def utc_now() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
 def env_markdown() -> str:
     d = jax.devices()[0]
     v = versions()
@@ -217,7 +238,7 @@ def env_markdown() -> str:
         f"- device: `{d.device_kind}` (platform `{d.platform}`, {len(jax.devices())} device(s)); "
         f"host: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- date: {utc_now()}",
     ]
     return "\n".join(lines)
 
@@ -244,7 +265,10 @@ def shape_str(shape: Sequence[int]) -> str:
 
 
 def mib(nbytes: float | None) -> str:
-    return "n/a" if nbytes is None else f"{nbytes / 2**20:.3g}"
+    if nbytes is None:
+        return "n/a"
+    value = nbytes / 2**20
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -263,7 +287,22 @@ def default_repeats(quick: bool) -> int:
 SECTION_RE = r"<!-- section: (?P<key>.*?) -->\n.*?<!-- end section -->\n"
 
 
-def update_results(path: str, key: str, body: str, title: str = "# Benchmark results\n") -> None:
+def has_section(path: str, key: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return f"<!-- section: {key} -->" in f.read()
+
+
+RESULTS_TITLE = """# Benchmark results
+
+Written by `benchmarks/run_all.py`: one block per device (its heading gives the device, the
+library versions and the date, then the goal table), each suite in its own block below it.
+A run rewrites only its own device's blocks. Method and commands: [README.md](README.md).
+"""
+
+
+def update_results(path: str, key: str, body: str, title: str = RESULTS_TITLE) -> None:
     """Writes ``body`` as the section ``key`` of the markdown file, keeping the other sections."""
     text = title
     if os.path.exists(path):

@@ -74,6 +74,8 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         for name, t in med.items():
             ref = dbase if name.startswith("diffusers") else base
             rows.append([B.shape_str(shape), name, t / STEPS * 1e6, t / ref])
+            if name.startswith("sample, eta=1"):
+                B.record(f"eta:{name.rsplit(', ', 1)[1]}", B.shape_str(shape), t / ref)
     header = ["latents", "contender", "us/step", "x eta=0 (same library)"]
     return (
         f"### eta = 1 against eta = 0 ({STEPS} steps, median of {repeats} interleaved repeats)\n\n"

@@ -16,4 +16,5 @@ OUT_DIR="${OUT:-.}"
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # The suite stops starting new parts after --budget seconds; timeout is the hard stop.
-timeout 280 python3 benchmarks/run_all.py --budget 200 2>&1 | tee "$OUT_DIR/bench_gpu.log"
+# Extra arguments go to run_all.py (e.g. --quick for a smoke check).
+timeout 280 python3 benchmarks/run_all.py --budget 200 "$@" 2>&1 | tee "$OUT_DIR/bench_gpu.log"

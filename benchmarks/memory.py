@@ -33,11 +33,18 @@ def peak_bytes():
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
+def shape_key(shape):
+    return f"B={shape[0]}"
+
+
 def measure(shape, steps, trajectory):
-    state = B.state_for(steps)
+    state = B.state_for(steps, steps_offset=0)  # offset 1 is invalid at 1000 steps
     x = B.latents(shape)
     compiled, _, _ = B.compile_jit(make(trajectory), state, x)
     mem = compiled.memory_analysis()
+    if mem is not None:
+        total = mem.output_size_in_bytes + mem.temp_size_in_bytes
+        B.record("memory", f"{shape_key(shape)}, {steps} steps, trajectory={trajectory}", total)
     peak = None
     if B.on_gpu():
         out = B.block(compiled(state, x))

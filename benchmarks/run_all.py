@@ -24,7 +24,7 @@ import _bench as B
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 # most important first: a run cut short still has the headline numbers
-SUITES = ("scheduler_loop", "eta_noise", "unet_e2e", "compile_time", "memory")
+SUITES = ("scheduler_loop", "eta_noise", "compile_time", "memory", "unet_e2e")
 
 
 def merge(src: str, dst: str) -> None:
@@ -37,6 +37,96 @@ def merge(src: str, dst: str) -> None:
         body = m.group(0).split("\n", 1)[1].rsplit("<!-- end section -->", 1)[0]
         B.update_results(dst, m.group("key"), body)
         print(f"merged section {m.group('key')!r} into {dst}")
+
+
+def _fmt(values: dict[str, float], fmt: str = "{:.2f}") -> str:
+    return ", ".join(f"{k}: {fmt.format(v)}" for k, v in values.items())
+
+
+def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
+    """The issue's goals, each with its measured value (from the suites' recorded numbers)."""
+    rows = []
+
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else f"**missed** ({miss})"
+
+    if "floor" in summary:
+        worst = max(summary["floor"].values())
+        target = 1.1 if gpu else 1.3
+        rows.append(
+            [
+                "sample within the floor (time ratio, per shape)",
+                f"<= {target}x",
+                _fmt(summary["floor"]),
+                verdict(worst <= target, f"worst {worst:.2f}x"),
+            ]
+        )
+    if "proposed" in summary:
+        rows.append(["proposed hoisted-sqrt variant vs the floor", "-", _fmt(summary["proposed"]), "info"])
+    if "diffusers" in summary:
+        worst = min(summary["diffusers"].values())
+        ok = worst >= 15 if gpu else True
+        rows.append(
+            [
+                "speedup per step vs diffusers",
+                ">= 15x on GPU",
+                _fmt(summary["diffusers"], "{:.1f}x"),
+                verdict(ok, f"worst {worst:.1f}x") if gpu else "info (CPU)",
+            ]
+        )
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        values = summary.get(f"eta:{impl}")
+        if values:
+            worst = max(values.values())
+            rows.append(
+                [
+                    f"eta=1 / eta=0, {impl} keys",
+                    "<= 2x on GPU",
+                    _fmt(values, "{:.1f}x"),
+                    verdict(worst <= 2, f"worst {worst:.1f}x") if gpu else "info (CPU)",
+                ]
+            )
+    if "compile" in summary:
+        c = summary["compile"]
+        ratio = max(c.values()) / min(c.values())
+        rows.append(
+            [
+                "compile time flat in steps (sample, eta=0, seconds)",
+                "flat",
+                _fmt(c, "{:.2f}"),
+                verdict(ratio <= 1.5, f"max/min {ratio:.1f}x"),
+            ]
+        )
+    mem = summary.get("memory", {})
+    b1, b64 = mem.get("B=1, 50 steps, trajectory=False"), mem.get("B=64, 50 steps, trajectory=False")
+    if b1 and b64:
+        per = b64 / b1
+        rows.append(
+            [
+                "memory O(batch): (output + temp) at B=64 / B=1, no trajectory",
+                "about 64, flat in steps",
+                f"{per:.1f}",
+                verdict(per <= 64 * 1.25, f"{per:.0f}"),
+            ]
+        )
+    steps_mem = {k.split(", ")[1]: v for k, v in mem.items() if k.startswith("B=8") and k.endswith("False")}
+    if steps_mem:
+        ratio = max(steps_mem.values()) / min(steps_mem.values())
+        rows.append(
+            [
+                "memory flat in steps (B=8, no trajectory, MiB)",
+                "flat",
+                _fmt({k: v / 2**20 for k, v in steps_mem.items()}, "{:.2f}"),
+                verdict(ratio <= 1.1, f"max/min {ratio:.2f}"),
+            ]
+        )
+    if "unet" in summary:
+        rows.append(["UNet: share of time outside the model", "-", _fmt(summary["unet"], "{:.1%}"), "info"])
+    if not rows:
+        return ""
+    return "### Goals (issue #5), from the numbers above\n\n" + B.table(
+        ["goal", "target", "measured", "verdict"], rows
+    )
 
 
 def main() -> None:
@@ -54,40 +144,42 @@ def main() -> None:
         return
     key = B.device_label() + (" (quick)" if args.quick else "")
     env_out = os.environ.get("OUT")
+    targets = [path for path in (out, env_out and os.path.join(env_out, "RESULTS_gpu.md")) if path]
+    full = args.only is None
     start = time.perf_counter()
-    parts = [f"## {key}\n", B.env_markdown()]
-    if args.note:
-        parts.append(f"\n**{args.note}**")
+    if args.budget is not None:
+        B.DEADLINE = start + args.budget
+    header = f"## {key}\n\n{B.env_markdown()}\n" + (f"\n**{args.note}**\n" if args.note else "")
 
-    def write(final: bool) -> None:
-        status = "" if final else "\n_(run in progress or cut short: later suites missing)_\n"
-        body = "\n".join(parts) + status
-        if out:
-            B.update_results(out, key, body)
-        if env_out:
-            B.update_results(os.path.join(env_out, "RESULTS_gpu.md"), key, body)
-            if out:
-                with open(out, encoding="utf-8") as f, open(os.path.join(env_out, "RESULTS.md"), "w") as g:
-                    g.write(f.read())
+    def write(section: str, body: str) -> None:
+        for path in targets:
+            B.update_results(path, section, body)
+        if env_out and out:
+            with open(out, encoding="utf-8") as f, open(os.path.join(env_out, "RESULTS.md"), "w") as g:
+                g.write(f.read())
 
+    if full or not all(B.has_section(path, key) for path in targets):
+        # written first, so that this device's suites follow its heading in the file
+        write(key, header + "\n_(run in progress or cut short: the goal table comes at the end)_\n")
     for name in args.only or SUITES:
         t0 = time.perf_counter()
         if args.budget is not None and t0 - start > args.budget:
-            parts.append(f"\n### {name}: skipped (time budget of {args.budget:.0f} s spent)\n")
-            continue
-        print(f"[run_all] {name} ...", flush=True)
-        try:
-            text = __import__(name).run(quick=args.quick)
-        except Exception:  # keep the other suites' results
-            text = f"### {name}: FAILED\n\n```\n{traceback.format_exc(limit=4)}```\n"
+            text = f"### {name}: skipped (time budget of {args.budget:.0f} s spent)\n"
+        else:
+            print(f"[run_all] {name} ...", flush=True)
+            try:
+                text = __import__(name).run(quick=args.quick)
+            except Exception:  # keep the other suites' results
+                text = f"### {name}: FAILED\n\n```\n{traceback.format_exc(limit=4)}```\n"
+            text += f"\n_{name}: {B.utc_now()}, {time.perf_counter() - t0:.0f} s._\n"
         print(text, flush=True)
-        parts.append("\n" + text)
-        print(f"[run_all] {name} took {time.perf_counter() - t0:.1f} s", flush=True)
-        write(final=False)
-    parts.append(f"\n_Suite wall time: {time.perf_counter() - start:.0f} s._\n")
-    write(final=True)
-    if out:
-        print(f"[run_all] wrote section {key!r} of {out}")
+        write(f"{key} | {name}", text)
+    if full:
+        goals = goals_markdown(B.SUMMARY, B.on_gpu())
+        wall = f"\n_Suite wall time: {time.perf_counter() - start:.0f} s._\n"
+        write(key, header + ("\n" + goals + "\n" if goals else "") + wall)
+    for path in targets:
+        print(f"[run_all] updated {path}")
 
 
 if __name__ == "__main__":

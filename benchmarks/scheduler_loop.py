@@ -84,6 +84,10 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         ref = np.asarray(cs["floor (fused scan)"][1]())
         floor_t = med["floor (fused scan)"]
         diff_t = med.get("diffusers (torch)")
+        B.record("floor", B.shape_str(shape), med["ddim_jax.sample"] / floor_t)
+        B.record("proposed", B.shape_str(shape), med["proposed: hoisted sqrt (see README)"] / floor_t)
+        if diff_t is not None:
+            B.record("diffusers", B.shape_str(shape), diff_t / med["ddim_jax.sample"])
         for name, (_, result, compile_s) in cs.items():
             if compile_s is None and name != "diffusers (torch)":
                 compile_s = max(first[name] - med[name], 0.0)

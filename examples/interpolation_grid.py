@@ -58,5 +58,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="interpolation_grid.png")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=os.path.join("~", ".cache", "ddim_jax"))
     a = parser.parse_args()
-    main(a.out, num_steps=a.steps, seed=a.seed)
+    main(a.out, cache_dir=a.cache_dir, num_steps=a.steps, seed=a.seed)

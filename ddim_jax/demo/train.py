@@ -19,7 +19,7 @@ from ddim_jax.demo.unet import UNet
 
 __all__ = ["TrainSettings", "make_model", "train_denoiser", "load_or_train", "cache_path"]
 
-_CACHE_VERSION = 1  # bump when the training code changes what a given set of settings produces
+_CACHE_VERSION = 2  # bump when the training code changes what a given set of settings produces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class TrainSettings:
     """
 
     channels: tuple[int, ...] = (16, 32)
-    train_steps: int = 2000
+    train_steps: int = 3000
     batch_size: int = 64
     learning_rate: float = 2e-3
     ema_decay: float = 0.995
@@ -65,9 +65,13 @@ class TrainSettings:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
-    def scheduler_config(self) -> ddim_jax.DDIMConfig:
-        """The DDIM config the model is trained and sampled with (epsilon prediction, x0 clipped)."""
-        return ddim_jax.DDIMConfig(num_train_timesteps=self.num_train_timesteps, clip_sample=True)
+    def scheduler_config(self, clip_sample: bool = False) -> ddim_jax.DDIMConfig:
+        """The DDIM config the model is trained and sampled with (epsilon prediction).
+
+        ``clip_sample`` only affects sampling. It is off by default: clipping x0 at every step
+        (diffusers' default) measurably breaks fine-step eta = 0 sampling and inversion here.
+        """
+        return ddim_jax.DDIMConfig(num_train_timesteps=self.num_train_timesteps, clip_sample=clip_sample)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "channels": list(self.channels), "version": _CACHE_VERSION}
@@ -88,11 +92,13 @@ def make_model(settings: TrainSettings) -> UNet:
     return UNet(channels=tuple(settings.channels), in_channels=1, out_channels=1, num_groups=1)
 
 
-def train_denoiser(settings: TrainSettings, x_train: np.ndarray, *, progress: bool = True, chunk: int = 50):
+def train_denoiser(
+    settings: TrainSettings, x_train: np.ndarray, *, progress: bool = True, log_every: int = 50
+):
     """Trains the epsilon-prediction UNet on ``x_train`` (NHWC in [-1, 1]); returns the EMA params.
 
     The loss is the DDPM one: ``|eps - model(add_noise(x0, eps, t), t)|^2`` with ``t``
-    uniform in [0, T). Steps run in jitted chunks of ``chunk`` (one ``lax.scan`` each).
+    uniform in [0, T); the progress bar shows the loss every ``log_every`` steps.
 
     Example:
       >>> from ddim_jax.demo.data import load_digits_split
@@ -119,7 +125,7 @@ def train_denoiser(settings: TrainSettings, x_train: np.ndarray, *, progress: bo
         settings.learning_rate / 20,
     )
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    carry = (params, opt.init(params), params)
+    carry = (params, opt.init(params), jax.tree.map(jnp.copy, params))  # distinct buffers: donated
 
     def loss_fn(p, x0, t, noise):
         xt = ddim_jax.add_noise(state, x0, noise, t)
@@ -137,20 +143,16 @@ def train_denoiser(settings: TrainSettings, x_train: np.ndarray, *, progress: bo
         ema = jax.tree.map(lambda e, q: settings.ema_decay * e + (1 - settings.ema_decay) * q, ema, p)
         return (p, s, ema), loss
 
-    @jax.jit
-    def run_chunk(carry, keys):
-        carry, losses = jax.lax.scan(train_step, carry, keys)
-        return carry, losses.mean()
-
+    # A Python loop of one jitted step: on XLA:CPU a lax.scan over these steps measured ~16x slower
+    # (backward convolutions inside a loop body), while DDIM sampling's scan runs at full speed.
+    run_step = jax.jit(train_step, donate_argnums=0)
     keys = jax.random.split(key, settings.train_steps)
     bar = tqdm(total=settings.train_steps, desc="train denoiser", unit="step", disable=not progress)
-    done = 0
-    while done < settings.train_steps:
-        n = min(chunk, settings.train_steps - done)  # the last chunk may compile once more
-        carry, loss = run_chunk(carry, keys[done : done + n])
-        done += n
-        bar.update(n)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+    for i in range(settings.train_steps):
+        carry, loss = run_step(carry, keys[i])
+        if (i + 1) % log_every == 0 or i + 1 == settings.train_steps:
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.update(1)
     bar.close()
     ema = carry[2] if settings.train_steps > 1 else carry[0]
     return jax.device_get(ema)

@@ -89,11 +89,11 @@ class UNet(nn.Module):
       >>> params = model.init(jax.random.key(0), x, jnp.array(10))
       >>> model.apply(params, x, jnp.array([10, 500])).shape
       (2, 8, 8, 1)
-      >>> sd = UNet(channels=(32, 64), in_channels=4, out_channels=4)
-      >>> z, text = jnp.zeros((1, 64, 64, 4)), jnp.zeros((1, 77, 768))
+      >>> sd = UNet(channels=(8, 16), in_channels=4, out_channels=4)  # SD-like: 4 latent channels
+      >>> z, text = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 77, 32))  # (B, L, D) token embeddings
       >>> p = sd.init(jax.random.key(0), z, jnp.array(999), text)
       >>> sd.apply(p, z, jnp.array(999), text).shape
-      (1, 64, 64, 4)
+      (1, 16, 16, 4)
     """
 
     channels: tuple[int, ...] = (32, 64)
