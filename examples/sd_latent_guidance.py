@@ -75,7 +75,7 @@ def main(
     unet = UNet(channels=channels, in_channels=4, out_channels=4, num_groups=32, zero_init=False)
     k_init, k_latents, k_neg, k_pos = jax.random.split(jax.random.key(seed), 4)
     nhwc = jnp.zeros((1, latent_size, latent_size, 4))
-    params = unet.init(k_init, nhwc, jnp.int32(0), jnp.zeros((1, *text_shape)))
+    params = jax.jit(unet.init)(k_init, nhwc, jnp.int32(0), jnp.zeros((1, *text_shape)))
     negative = jax.random.normal(
         k_neg, (batch, *text_shape)
     )  # stand-ins for CLIP embeddings of "" and the prompt

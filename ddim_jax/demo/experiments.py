@@ -51,7 +51,7 @@ class Sampler:
       >>> from ddim_jax import DDIMConfig
       >>> from ddim_jax.demo.unet import UNet
       >>> model = UNet(channels=(4,))
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
+      >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
       >>> sampler = Sampler(model, params, DDIMConfig())
       >>> x = sampler.sample(jnp.zeros((2, 8, 8, 1)), 3, 0.0, jax.random.key(1))
       >>> x.shape, sampler.reconstruct(x, 3).shape
@@ -202,6 +202,6 @@ def tables_markdown(quality: dict[str, Any], recon: dict[str, Any]) -> str:
         "",
         "| S | " + " | ".join(str(s) for s in recon["steps"]) + " |",
         "|---|" + "---|" * len(recon["steps"]),
-        "| MSE | " + " | ".join(f"{recon['mse'][str(s)]:.4f}" for s in recon["steps"]) + " |",
+        "| MSE | " + " | ".join(f"{recon['mse'][str(s)]:.2e}" for s in recon["steps"]) + " |",
     ]
     return "\n".join(lines) + "\n"

@@ -115,7 +115,7 @@ def train_denoiser(
     data = jnp.asarray(x_train, jnp.float32)
     key = jax.random.key(settings.seed)
     init_key, key = jax.random.split(key)
-    params = model.init(init_key, data[:1], jnp.zeros((), jnp.int32))
+    params = jax.jit(model.init)(init_key, data[:1], jnp.zeros((), jnp.int32))
     warmup = min(200, max(1, settings.train_steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,

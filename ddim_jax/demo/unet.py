@@ -84,16 +84,11 @@ class UNet(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from ddim_jax.demo.unet import UNet
-      >>> model = UNet(channels=(16, 32), in_channels=1, out_channels=1)
-      >>> x = jnp.zeros((2, 8, 8, 1))
-      >>> params = model.init(jax.random.key(0), x, jnp.array(10))
-      >>> model.apply(params, x, jnp.array([10, 500])).shape
-      (2, 8, 8, 1)
-      >>> sd = UNet(channels=(8, 16), in_channels=4, out_channels=4)  # SD-like: 4 latent channels
-      >>> z, text = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 77, 32))  # (B, L, D) token embeddings
-      >>> p = sd.init(jax.random.key(0), z, jnp.array(999), text)
-      >>> sd.apply(p, z, jnp.array(999), text).shape
-      (1, 16, 16, 4)
+      >>> model = UNet(channels=(8, 16), in_channels=4, out_channels=4)  # SD-like: 4 latent channels
+      >>> x, text = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2, 77, 32))  # (B, L, D) token embeddings
+      >>> params = jax.jit(model.init)(jax.random.key(0), x, jnp.array(10), text)
+      >>> jax.jit(model.apply)(params, x, jnp.array([10, 500]), text).shape
+      (2, 8, 8, 4)
     """
 
     channels: tuple[int, ...] = (32, 64)
