@@ -10,11 +10,11 @@ import jax.numpy as jnp
 from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype, per_example
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
+    ModelCall,
     ModelFn,
     StepCallback,
     Trajectory,
     check_loop_options,
-    guided_model_output,
     scan_steps,
 )
 from ddim_jax._state import DDIMState
@@ -74,6 +74,7 @@ def invert(
     model_args: tuple = (),
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
+    guidance_layout: str = "concat",
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -96,7 +97,9 @@ def invert(
       True
     """
     check_ready(state, "invert")
-    check_loop_options(x0, model_args, callback, callback_every, model_dtype)
+    check_loop_options(x0, callback, callback_every)
+    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model.check()
     config = state.config
     dtype = compute_dtype(x0)
     timesteps = state.timesteps[::-1]
@@ -106,7 +109,7 @@ def invert(
 
     def update(x, step_inputs):
         t, alpha_t, alpha_next = step_inputs
-        out = guided_model_output(model_fn, x, t, model_args, guidance_scale, guidance_rescale, model_dtype)
+        out = model(x, t)
         return _inverse_update(config, out, x, alpha_t, alpha_next)
 
     x, trajectory = scan_steps(

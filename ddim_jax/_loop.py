@@ -34,15 +34,70 @@ class Trajectory(NamedTuple):
     pred_original_sample: jax.Array
 
 
-def check_loop_options(
-    latents: Any, model_args: Any, callback: Any, callback_every: Any, model_dtype: Any
-) -> None:
+GUIDANCE_LAYOUTS = ("concat", "interleave")
+
+
+class ModelCall(NamedTuple):
+    """How a loop calls the model each step: arguments, guidance and dtype, validated once.
+
+    ``guidance_layout`` orders the doubled batch of a guided call: ``"concat"`` (diffusers'
+    ``[x, x]``, with conditioning ``concat([uncond, cond])``) or ``"interleave"``
+    (``[x_0, x_0, x_1, x_1, ...]``, with conditioning ``stack([uncond, cond], 1)`` flattened to
+    the batch axis), which keeps each example's pair on its device when the batch is sharded.
+    """
+
+    model_fn: ModelFn
+    model_args: tuple
+    guidance_scale: float | jax.Array | None
+    guidance_rescale: float | jax.Array
+    guidance_layout: str
+    model_dtype: Any
+
+    def check(self) -> None:
+        if not callable(self.model_fn):
+            raise TypeError(f"model_fn must be callable, got {type(self.model_fn).__name__}")
+        if not isinstance(self.model_args, tuple):
+            raise TypeError(f"model_args must be a tuple, got {type(self.model_args).__name__}")
+        if self.guidance_layout not in GUIDANCE_LAYOUTS:
+            raise ValueError(
+                f"guidance_layout must be one of {list(GUIDANCE_LAYOUTS)}, got {self.guidance_layout!r}"
+            )
+        if self.model_dtype is not None and not jnp.issubdtype(self.model_dtype, jnp.floating):
+            raise TypeError(f"model_dtype must be a float dtype or None, got {self.model_dtype!r}")
+
+    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        """The (guided) model output for ``x`` at ``t``, in ``x``'s dtype."""
+        x_in = x if self.model_dtype is None else x.astype(self.model_dtype)
+        if self.guidance_scale is None:
+            out = self.model_fn(x_in, t, *self.model_args)
+            check_same_shape("model_fn output", out, "latents", x)
+            return out.astype(x.dtype)
+        batch = x.shape[0]
+        if self.guidance_layout == "concat":
+            doubled = jnp.concatenate([x_in, x_in])
+        else:
+            doubled = jnp.repeat(x_in, 2, axis=0)
+        out = self.model_fn(doubled, t, *self.model_args)
+        if jnp.shape(out) != doubled.shape:
+            order = "[uncond, cond]" if self.guidance_layout == "concat" else "[uncond_0, cond_0, ...]"
+            raise ValueError(
+                f"Shape mismatch: with guidance_scale, model_fn must return the doubled batch "
+                f"{order} of shape {doubled.shape}, got {jnp.shape(out)}"
+            )
+        out = out.astype(x.dtype)
+        if self.guidance_layout == "concat":
+            uncond, cond = jnp.split(out, 2)
+        else:
+            pairs = out.reshape((batch, 2) + x.shape[1:])
+            uncond, cond = pairs[:, 0], pairs[:, 1]
+        return classifier_free_guidance(uncond, cond, self.guidance_scale, self.guidance_rescale)
+
+
+def check_loop_options(latents: Any, callback: Any, callback_every: Any) -> None:
     if not jnp.issubdtype(jnp.result_type(latents), jnp.floating):
         raise TypeError(f"latents must be a float array, got dtype {jnp.result_type(latents)}")
     if jnp.ndim(latents) < 1:
         raise ValueError("latents must have a leading batch axis, got a scalar")
-    if not isinstance(model_args, tuple):
-        raise TypeError(f"model_args must be a tuple, got {type(model_args).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     try:
@@ -51,34 +106,6 @@ def check_loop_options(
         every = 0
     if every < 1:
         raise ValueError(f"callback_every must be an int >= 1, got {callback_every!r}")
-    if model_dtype is not None and not jnp.issubdtype(model_dtype, jnp.floating):
-        raise TypeError(f"model_dtype must be a float dtype or None, got {model_dtype!r}")
-
-
-def guided_model_output(
-    model_fn: ModelFn,
-    x: jax.Array,
-    t: jax.Array,
-    model_args: tuple,
-    guidance_scale: float | jax.Array | None,
-    guidance_rescale: float | jax.Array,
-    model_dtype: Any,
-) -> jax.Array:
-    """Calls the model (once, on the ``[x, x]`` batch when guided) and returns a float32 output."""
-    x_in = x if model_dtype is None else x.astype(model_dtype)
-    if guidance_scale is None:
-        out = model_fn(x_in, t, *model_args)
-        check_same_shape("model_fn output", out, "latents", x)
-        return out.astype(x.dtype)
-    out = model_fn(jnp.concatenate([x_in, x_in]), t, *model_args)
-    expected = (2 * x.shape[0],) + x.shape[1:]
-    if jnp.shape(out) != expected:
-        raise ValueError(
-            f"Shape mismatch: with guidance_scale, model_fn must return the doubled batch "
-            f"[uncond, cond] of shape {expected}, got {jnp.shape(out)}"
-        )
-    uncond, cond = jnp.split(out.astype(x.dtype), 2)
-    return classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
 
 
 def scan_steps(

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import check_eta, check_ready, compute_dtype
 from ddim_jax._loop import (
+    ModelCall,
     ModelFn,
     StepCallback,
     Trajectory,
     check_loop_options,
-    guided_model_output,
     scan_steps,
 )
 from ddim_jax._state import DDIMState
@@ -47,6 +47,7 @@ def sample(
     model_args: tuple = (),
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
+    guidance_layout: str = "concat",
     use_clipped_model_output: bool = False,
     model_dtype: Any = None,
     return_trajectory: bool = False,
@@ -81,6 +82,10 @@ def sample(
       model_args: extra positional arguments of ``model_fn`` (params, conditioning).
       guidance_scale: classifier-free guidance weight w, or None for no guidance.
       guidance_rescale: guidance rescale phi (diffusers ``guidance_rescale``).
+      guidance_layout: order of the doubled batch: ``"concat"`` (diffusers' ``[x, x]`` and
+        ``[uncond, cond]``) or ``"interleave"`` (``[x_0, x_0, x_1, x_1, ...]``, conditioning
+        ``stack([uncond, cond], axis=1)`` reshaped to ``(2 * batch, ...)``), which keeps a
+        batch-sharded loop free of cross-device traffic under ``jax.jit``.
       use_clipped_model_output: diffusers' flag, see `step`.
       model_dtype: if set, the model sees ``x`` cast to this dtype (e.g. ``jnp.bfloat16``);
         the carry and the scheduler math stay float32.
@@ -114,7 +119,9 @@ def sample(
       1
     """
     check_ready(state, "sample")
-    check_loop_options(latents, model_args, callback, callback_every, model_dtype)
+    check_loop_options(latents, callback, callback_every)
+    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model.check()
     _check_key(key)
     add_noise = check_eta(eta, key, None)
     config = state.config
@@ -129,7 +136,7 @@ def sample(
 
     def update(x, step_inputs):
         t, alpha_t, alpha_prev, step_key = step_inputs
-        out = guided_model_output(model_fn, x, t, model_args, guidance_scale, guidance_rescale, model_dtype)
+        out = model(x, t)
         noise = jax.random.normal(step_key, x.shape, dtype) if add_noise else None
         return ddim_update(
             config,

@@ -103,6 +103,40 @@ def test_sample_with_guidance_equals_python_loop_of_two_calls():
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
+def test_interleaved_guidance_layout_equals_concat():
+    state = make_state(6, clip_sample=False)
+    x, w = latents(), 0.9
+    uncond_emb, cond_emb = jnp.full((2,), -0.3), jnp.array([0.4, 0.8])
+    calls = []
+
+    def recording_model_fn(x, t, w, emb):
+        calls.append(x.shape)
+        return guided_model_fn(x, t, w, emb)
+
+    def run(layout, emb):
+        return sample(
+            recording_model_fn,
+            state,
+            x,
+            key=jax.random.key(1),
+            eta=0.5,
+            model_args=(w, emb),
+            guidance_scale=5.0,
+            guidance_rescale=0.7,
+            guidance_layout=layout,
+        )
+
+    concat = run("concat", jnp.concatenate([uncond_emb, cond_emb]))
+    interleaved = run("interleave", jnp.stack([uncond_emb, cond_emb], axis=1).reshape(-1))
+    assert calls == [(4, 3, 4, 4), (4, 3, 4, 4)]  # one model call per step (traced once), doubled batch
+    np.testing.assert_allclose(interleaved, concat, rtol=1e-6, atol=1e-6)
+    # the layouts differ: feeding concat-ordered conditioning to the interleaved layout changes the result
+    mixed = run("interleave", jnp.concatenate([uncond_emb, cond_emb]))
+    assert not np.allclose(mixed, concat, atol=1e-3)
+    with pytest.raises(ValueError, match=r"guidance_layout must be one of \['concat', 'interleave'\]"):
+        run("stacked", jnp.concatenate([uncond_emb, cond_emb]))
+
+
 def test_no_recompile_across_params_latents_key_eta_guidance():
     state = make_state(5)
     traces = []

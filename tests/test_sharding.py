@@ -63,8 +63,16 @@ CASES = {
 }
 
 
+def doubled_conditioning(uncond, cond, layout):
+    """Conditioning rows of the doubled batch in ``layout``: diffusers' concat([uncond, cond]),
+    or the interleaved [uncond_0, cond_0, uncond_1, ...]."""
+    if layout == "concat":
+        return jnp.concatenate([uncond, cond])
+    return jnp.stack([uncond, cond], axis=1).reshape(2 * uncond.shape[0], *uncond.shape[1:])
+
+
 @functools.cache
-def loop_fn(case, guided=False, guidance_rescale=0.0):
+def loop_fn(case, guided=False, guidance_rescale=0.0, layout="concat"):
     """``f(x, key, w, uncond, cond)`` running the case's loop on whatever batch it is given.
 
     Cached, like `jitted`, so tests share compiled programs."""
@@ -72,9 +80,10 @@ def loop_fn(case, guided=False, guidance_rescale=0.0):
     state = make_state(**config)
 
     def f(x, key, w, uncond, cond):
-        extra = {"guidance_scale": 3.0, "guidance_rescale": guidance_rescale} if guided else {}
-        # diffusers' layout: conditioning of the doubled batch is concat([uncond, cond]).
-        emb = jnp.concatenate([uncond, cond]) if guided else cond
+        extra = {}
+        if guided:
+            extra = {"guidance_scale": 3.0, "guidance_rescale": guidance_rescale, "guidance_layout": layout}
+        emb = doubled_conditioning(uncond, cond, layout) if guided else cond
         if case == "invert":
             return invert(model_fn, state, x, model_args=(w, emb), **extra)
         key_kw = {"key": key} if kwargs.get("eta", 0) > 0 else {}
@@ -84,8 +93,8 @@ def loop_fn(case, guided=False, guidance_rescale=0.0):
 
 
 @functools.cache
-def jitted(case, guided=False, guidance_rescale=0.0):
-    return jax.jit(loop_fn(case, guided, guidance_rescale))
+def jitted(case, guided=False, guidance_rescale=0.0, layout="concat"):
+    return jax.jit(loop_fn(case, guided, guidance_rescale, layout))
 
 
 def put(mesh, x, key, w, uncond, cond):
@@ -112,13 +121,30 @@ def test_jit_guided_keeps_sharding(mesh):
     """Guidance under jit gives the same result, sharded like the input. Not collective-free:
     diffusers' [uncond, cond] layout puts the two halves of the doubled batch on different
     devices, so GSPMD moves latents between devices every step (a collective-permute, or an
-    all-gather of the latent batch, depending on shapes). `shard_map` avoids it (next test)."""
+    all-gather of the latent batch, depending on shapes). guidance_layout="interleave" and
+    `shard_map` avoid it (next tests)."""
     x, uncond, cond, w = data()
     key = jax.random.key(1)
     f = jitted("sample_threshold_eta", guided=True, guidance_rescale=0.7)
     ref = f(x, key, w, uncond, cond)
     args = put(mesh, x, key, w, uncond, cond)
     out = f(*args)
+    assert out.sharding.is_equivalent_to(args[0].sharding, out.ndim)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["sample_threshold_eta", "invert"])
+def test_jit_guided_interleaved_is_collective_free_and_exact(mesh, case):
+    """guidance_layout="interleave" keeps each example's [uncond, cond] pair on its device, so
+    the guided loop under plain jit moves no data, and equals diffusers' concat layout."""
+    x, uncond, cond, w = data()
+    key = jax.random.key(1)
+    ref = jitted(case, True, 0.7, "concat")(x, key, w, uncond, cond)  # one device, concat layout
+    f = jitted(case, True, 0.7, "interleave")
+    args = put(mesh, x, key, w, uncond, cond)
+    compiled = f.lower(*args).compile()
+    out = compiled(*args)
+    assert collectives(compiled) == set()
     assert out.sharding.is_equivalent_to(args[0].sharding, out.ndim)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
