@@ -28,6 +28,14 @@ class Trajectory(NamedTuple):
     Attributes:
       prev_sample: ``(S, *latents.shape)``, the sample after each step.
       pred_original_sample: ``(S, *latents.shape)``, the predicted x0 at each step.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, sample
+      >>> state = set_timesteps(create_state(DDIMConfig()), 5)
+      >>> x, trajectory = sample(lambda x, t: 0.1 * x, state, jnp.ones((2, 3)), return_trajectory=True)
+      >>> trajectory.prev_sample.shape
+      (5, 2, 3)
     """
 
     prev_sample: jax.Array

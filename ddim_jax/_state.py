@@ -29,6 +29,13 @@ class DDIMState:
       prev_timesteps: ``(S,)`` int32, the timestep each step moves to (``-1`` means the
         final alpha), following ``config.prev_timestep_rule``; None until `set_timesteps`.
       config: the `DDIMConfig` (static).
+
+    Example:
+      >>> import jax
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps
+      >>> state = set_timesteps(create_state(DDIMConfig()), 50)
+      >>> state.num_inference_steps, len(jax.tree_util.tree_leaves(state))
+      (50, 4)
     """
 
     alphas_cumprod: jax.Array

@@ -36,6 +36,14 @@ class StepOutput(NamedTuple):
     Attributes:
       prev_sample: the sample at the previous (less noisy) timestep.
       pred_original_sample: the model's predicted x0 after clipping or thresholding.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, step
+      >>> state = set_timesteps(create_state(DDIMConfig()), 10)
+      >>> prev_sample, x0 = step(state, jnp.zeros((1, 2)), 900, jnp.ones((1, 2)))
+      >>> x0.shape
+      (1, 2)
     """
 
     prev_sample: jax.Array
