@@ -49,8 +49,24 @@ def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample:
     return jnp.asarray(timesteps, dtype=jnp.int32)
 
 
+def check_key(key: Any) -> None:
+    """A single key: a typed ``jax.random.key`` scalar or a legacy uint32 ``PRNGKey`` vector."""
+    if key is None:
+        return
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return
+    if dtype == jnp.uint32 and len(shape) == 1:
+        return
+    raise TypeError(
+        "key must be a single jax.random key, e.g. jax.random.key(0), "
+        f"got {type(key).__name__} with dtype {dtype} and shape {shape}"
+    )
+
+
 def check_eta(eta: Any, key: Any, variance_noise: Any) -> bool:
     """Validates eta against the noise sources; returns whether noise is added at all."""
+    check_key(key)
     if key is not None and variance_noise is not None:
         raise ValueError("pass either key or variance_noise, not both")
     if jnp.ndim(eta) != 0:

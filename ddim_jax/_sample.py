@@ -22,21 +22,6 @@ from ddim_jax._step import alpha_at, ddim_update
 __all__ = ["sample"]
 
 
-def _check_key(key: Any) -> None:
-    """A single key: a typed ``jax.random.key`` scalar or a legacy uint32 ``PRNGKey`` vector."""
-    if key is None:
-        return
-    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
-        return
-    if dtype == jnp.uint32 and len(shape) == 1:
-        return
-    raise TypeError(
-        "key must be a single jax.random key, e.g. jax.random.key(0), "
-        f"got {type(key).__name__} with dtype {dtype} and shape {shape}"
-    )
-
-
 def sample(
     model_fn: ModelFn,
     state: DDIMState,
@@ -122,7 +107,6 @@ def sample(
     check_loop_options(latents, callback, callback_every)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
-    _check_key(key)
     add_noise = check_eta(eta, key, None)
     config = state.config
     dtype = compute_dtype(latents)

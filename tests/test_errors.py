@@ -127,6 +127,10 @@ def test_bad_eta_and_noise_sources(ready):
         step(state, x, 900, x, eta=0.5)
     with pytest.raises(ValueError, match=r"pass either key or variance_noise, not both"):
         step(state, x, 900, x, eta=0.5, key=key, variance_noise=x)
+    with pytest.raises(TypeError, match=r"key must be a single jax.random key"):
+        step(state, x, 900, x, eta=0.5, key=0)
+    with pytest.raises(TypeError, match=r"key must be a single jax.random key"):
+        step(state, x, 900, x, eta=0.5, key=jax.random.split(key, 2))
     with pytest.raises(ValueError, match=r"eta is traced.*pass key or variance_noise"):
         jax.jit(lambda e: step(state, x, 900, x, eta=e))(jnp.float32(0.5))
 
