@@ -103,6 +103,16 @@ def put(mesh, x, key, w, uncond, cond):
     return jax.device_put((x, key, w, uncond, cond), (batch, rep, rep, batch, batch))
 
 
+def run_collective_free_keeping_sharding(f, args):
+    """Compiles ``f`` for the sharded ``args``, asserts its HLO has no collectives, runs it and
+    asserts the output is sharded like the batch (``args[0]``)."""
+    compiled = f.lower(*args).compile()
+    assert collectives(compiled) == set()
+    out = compiled(*args)
+    assert out.sharding.is_equivalent_to(args[0].sharding, out.ndim)
+    return out
+
+
 @pytest.mark.parametrize("case", ["sample_threshold_eta", "invert"])
 def test_jit_batch_sharded_is_collective_free_and_exact(mesh, case):
     x, uncond, cond, w = data()
@@ -110,10 +120,7 @@ def test_jit_batch_sharded_is_collective_free_and_exact(mesh, case):
     f = jitted(case)
     ref = f(x, key, w, uncond, cond)  # one device
     args = put(mesh, x, key, w, uncond, cond)
-    compiled = f.lower(*args).compile()
-    out = compiled(*args)
-    assert collectives(compiled) == set()
-    assert out.sharding.is_equivalent_to(args[0].sharding, out.ndim)
+    out = run_collective_free_keeping_sharding(f, args)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
 
 
@@ -142,10 +149,7 @@ def test_jit_guided_interleaved_is_collective_free_and_exact(mesh, case):
     ref = jitted(case, True, 0.7, "concat")(x, key, w, uncond, cond)  # one device, concat layout
     f = jitted(case, True, 0.7, "interleave")
     args = put(mesh, x, key, w, uncond, cond)
-    compiled = f.lower(*args).compile()
-    out = compiled(*args)
-    assert collectives(compiled) == set()
-    assert out.sharding.is_equivalent_to(args[0].sharding, out.ndim)
+    out = run_collective_free_keeping_sharding(f, args)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
@@ -162,10 +166,7 @@ def test_shard_map_is_collective_free(mesh, case, guided):
     spec = (P("data"), P(), P(), P("data"), P("data"))
     g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=P("data")))
     args = put(mesh, x, key, w, uncond, cond)
-    compiled = g.lower(*args).compile()
-    out = compiled(*args)
-    assert collectives(compiled) == set()
-    assert out.sharding.is_equivalent_to(args[0].sharding, out.ndim)
+    out = run_collective_free_keeping_sharding(g, args)
     if CASES[case][1].get("eta", 0) == 0:
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
     else:  # with eta > 0 each device draws its own noise from the same key (see per-device keys)
