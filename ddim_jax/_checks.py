@@ -49,24 +49,34 @@ def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample:
     return jnp.asarray(timesteps, dtype=jnp.int32)
 
 
-def check_key(key: Any) -> None:
-    """A single key: a typed ``jax.random.key`` scalar or a legacy uint32 ``PRNGKey`` vector."""
+def check_key(key: Any, batch_shape: tuple[int, ...]) -> None:
+    """One key for the whole batch, or one key per example along the batch axis.
+
+    Typed keys (``jax.random.key``) have shape ``()`` or ``(batch,)``; legacy uint32
+    ``PRNGKey`` data has shape ``(k,)`` or ``(batch, k)``.
+    """
     if key is None:
         return
     dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
-        return
-    if dtype == jnp.uint32 and len(shape) == 1:
-        return
-    raise TypeError(
-        "key must be a single jax.random key, e.g. jax.random.key(0), "
-        f"got {type(key).__name__} with dtype {dtype} and shape {shape}"
-    )
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        keys_shape = shape
+    elif dtype == jnp.uint32 and len(shape) in (1, 2):
+        keys_shape = shape[:-1]
+    else:
+        keys_shape = None
+    if keys_shape is None or len(keys_shape) > 1:
+        raise TypeError(
+            "key must be a jax.random key, e.g. jax.random.key(0), or one key per example, e.g. "
+            f"jax.random.split(key, batch); got {type(key).__name__} with dtype {dtype} and shape {shape}"
+        )
+    if keys_shape and keys_shape != tuple(batch_shape):
+        expected = f"batch = {batch_shape[0]}" if batch_shape else "a batch axis, which is missing"
+        raise ValueError(f"key holds {keys_shape[0]} keys: one key per example needs {expected}")
 
 
-def check_eta(eta: Any, key: Any, variance_noise: Any) -> bool:
+def check_eta(eta: Any, key: Any, variance_noise: Any, batch_shape: tuple[int, ...]) -> bool:
     """Validates eta against the noise sources; returns whether noise is added at all."""
-    check_key(key)
+    check_key(key, batch_shape)
     if key is not None and variance_noise is not None:
         raise ValueError("pass either key or variance_noise, not both")
     if jnp.ndim(eta) != 0:

@@ -16,6 +16,7 @@ from ddim_jax._loop import (
     check_loop_options,
     scan_steps,
 )
+from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._state import DDIMState
 from ddim_jax._step import alpha_at, ddim_update
 
@@ -62,7 +63,11 @@ def sample(
         Any key implementation works (e.g. ``jax.random.key(seed, impl="rbg")``); the noise
         draw dominates an eta > 0 step, and on CPU the default threefry is 3-5x faster than
         rbg (benchmarks/RESULTS.md). Under sharding, threefry draws each device's slice
-        locally while rbg generates the whole batch's noise on every device.
+        locally while rbg generates the whole batch's noise on every device. Or one key per
+        example (shape ``(batch,)``, e.g. ``jax.random.split(key, batch)``, like diffusers'
+        list of generators): example b's noise then comes from ``key[b]`` alone, so a sample
+        does not depend on the batch it is in nor, inside ``shard_map``/``pmap``, on the
+        device count.
       eta: DDIM's eta; a float or a traced scalar (traced needs ``key``).
       model_args: extra positional arguments of ``model_fn`` (params, conditioning).
       guidance_scale: classifier-free guidance weight w, or None for no guidance.
@@ -107,13 +112,13 @@ def sample(
     check_loop_options(latents, callback, callback_every)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
-    add_noise = check_eta(eta, key, None)
+    add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
     config = state.config
     dtype = compute_dtype(latents)
     x = jnp.asarray(latents, dtype)
     eta = jnp.asarray(eta, dtype)
     timesteps = state.timesteps
-    keys = jax.random.split(key, timesteps.shape[0]) if add_noise else None
+    keys = step_keys(key, timesteps.shape[0]) if add_noise else None
     # Per-step alphas are gathered once, outside the scan, so the body only reads scalars.
     alphas_t = alpha_at(state, timesteps).astype(dtype)
     alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
@@ -121,7 +126,7 @@ def sample(
     def update(x, step_inputs):
         t, alpha_t, alpha_prev, step_key = step_inputs
         out = model(x, t)
-        noise = jax.random.normal(step_key, x.shape, dtype) if add_noise else None
+        noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
         return ddim_update(
             config,
             out,

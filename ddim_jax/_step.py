@@ -18,6 +18,7 @@ from ddim_jax._checks import (
     per_example,
 )
 from ddim_jax._config import DDIMConfig
+from ddim_jax._noise import normal_noise
 from ddim_jax._state import DDIMState
 
 __all__ = ["StepOutput", "step", "MIN_ALPHA_CUMPROD"]
@@ -166,7 +167,8 @@ def step(
         of shape ``(batch,)`` giving each example its own timestep.
       sample: the current noisy sample x_t, batch first.
       eta: DDIM's eta (0 deterministic, 1 DDPM-like); a float or a traced scalar.
-      key: a ``jax.random`` key for the eta noise.
+      key: a ``jax.random`` key for the eta noise, or one key per example (shape ``(batch,)``,
+        e.g. ``jax.random.split(key, batch)``): example b's noise then comes from ``key[b]``.
       variance_noise: the eta noise itself (shape of ``sample``), instead of ``key``.
       use_clipped_model_output: recompute epsilon from the clipped x0 (diffusers' flag).
 
@@ -188,7 +190,7 @@ def step(
     if variance_noise is not None:
         check_same_shape("variance_noise", variance_noise, "sample", sample)
     t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
-    add_noise = check_eta(eta, key, variance_noise)
+    add_noise = check_eta(eta, key, variance_noise, jnp.shape(sample)[:1])
     dtype = compute_dtype(model_output, sample)
     ndim = jnp.ndim(sample)
     alpha_t = per_example(alpha_at(state, t), ndim).astype(dtype)
@@ -196,7 +198,7 @@ def step(
     noise = None
     if add_noise:
         if variance_noise is None:
-            noise = jax.random.normal(key, jnp.shape(sample), dtype)
+            noise = normal_noise(key, jnp.shape(sample), dtype)
         else:
             noise = jnp.asarray(variance_noise, dtype)
     return ddim_update(

@@ -127,10 +127,18 @@ def test_bad_eta_and_noise_sources(ready):
         step(state, x, 900, x, eta=0.5)
     with pytest.raises(ValueError, match=r"pass either key or variance_noise, not both"):
         step(state, x, 900, x, eta=0.5, key=key, variance_noise=x)
-    with pytest.raises(TypeError, match=r"key must be a single jax.random key"):
+    with pytest.raises(TypeError, match=r"key must be a jax.random key.*or one key per example.*got int"):
         step(state, x, 900, x, eta=0.5, key=0)
-    with pytest.raises(TypeError, match=r"key must be a single jax.random key"):
-        step(state, x, 900, x, eta=0.5, key=jax.random.split(key, 2))
+    with pytest.raises(TypeError, match=r"key must be a jax.random key.*with dtype float32 and shape \(2,\)"):
+        step(state, x, 900, x, eta=0.5, key=jnp.zeros(2))
+    with pytest.raises(TypeError, match=r"key must be a jax.random key.*shape \(2, 2\)"):
+        step(state, x, 900, x, eta=0.5, key=jax.random.split(key, (2, 2)))
+    with pytest.raises(ValueError, match=r"key holds 3 keys: one key per example needs batch = 2"):
+        step(state, x, 900, x, eta=0.5, key=jax.random.split(key, 3))
+    with pytest.raises(ValueError, match=r"key holds 3 keys: one key per example needs batch = 2"):
+        step(state, x, 900, x, eta=0.5, key=jax.random.key_data(jax.random.split(key, 3)))
+    with pytest.raises(ValueError, match=r"key holds 1 keys: one key per example needs a batch axis"):
+        step(state, x[0, 0, 0], 900, x[0, 0, 0], eta=0.5, key=jax.random.split(key, 1))
     with pytest.raises(ValueError, match=r"eta is traced.*pass key or variance_noise"):
         jax.jit(lambda e: step(state, x, 900, x, eta=e))(jnp.float32(0.5))
 

@@ -258,6 +258,29 @@ def test_shard_map_per_device_keys(mesh):
     np.testing.assert_array_equal(out, distinct)
 
 
+def test_per_example_keys_make_samples_independent_of_device_count():
+    """One key per example (``jax.random.split(key, batch)``, sharded with the batch): shard_map
+    on 2, 4 or 8 devices and pmap give the samples one device gives, with no index folding;
+    under jit the program has no collectives."""
+    state = make_state(3)
+    x = jax.random.normal(jax.random.key(0), (B, *LATENT))
+    keys = jax.random.split(jax.random.key(3), B)
+
+    def fn(x, keys):
+        return sample(lambda x, t: 0.5 * jnp.tanh(x), state, x, key=keys, eta=1.0)
+
+    one = np.asarray(jax.jit(fn)(x, keys))
+    for n in (2, 4, N):
+        mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+        args = jax.device_put((x, keys), NamedSharding(mesh, P("data")))
+        g = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data")))
+        np.testing.assert_allclose(g(*args), one, rtol=0, atol=1e-6)
+    out = run_collective_free_keeping_sharding(jax.jit(fn), args)
+    np.testing.assert_allclose(out, one, rtol=0, atol=1e-6)
+    p = jax.pmap(fn)(x.reshape(N, B // N, *LATENT), keys.reshape(N, B // N))
+    np.testing.assert_allclose(np.asarray(p).reshape(one.shape), one, rtol=0, atol=1e-6)
+
+
 # --- parameters, conditioning, multi-host -------------------------------------------------------
 
 
