@@ -76,17 +76,17 @@ def block(x: Any) -> Any:
 def floor_coefficients(state: ddim_jax.DDIMState, eta: float = 0.0) -> dict[str, jax.Array]:
     """Per-step scalars of the DDIM update, computed once on the host (float64 -> float32)."""
     table = np.asarray(state.alphas_cumprod, np.float64)
-    final = float(state.final_alpha_cumprod)
-    t = np.asarray(state.timesteps)
-    tp = np.asarray(state.prev_timesteps)
-    a_t = table[t]
-    a_prev = np.where(tp >= 0, table[np.maximum(tp, 0)], final)
-    std = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    one_minus = np.asarray(state.one_minus_alphas_cumprod, np.float64)
+    t, tp = np.asarray(state.timesteps), np.asarray(state.prev_timesteps)
+    a_t, om_t = table[t], one_minus[t]
+    a_prev = np.where(tp >= 0, table[np.maximum(tp, 0)], float(state.final_alpha_cumprod))
+    om_prev = np.where(tp >= 0, one_minus[np.maximum(tp, 0)], float(state.final_one_minus_alpha_cumprod))
+    std = eta * np.sqrt(om_prev / om_t * (1 - a_t / a_prev))
     coef = dict(
         inv_sqrt_a=1 / np.sqrt(a_t),
-        sqrt_1ma=np.sqrt(1 - a_t),
+        sqrt_1ma=np.sqrt(om_t),
         sqrt_a_prev=np.sqrt(a_prev),
-        dir=np.sqrt(np.maximum(1 - a_prev - std**2, 0)),
+        dir=np.sqrt(np.maximum(om_prev - std**2, 0)),
         std=std,
     )
     return {k: jnp.asarray(v, jnp.float32) for k, v in coef.items()}

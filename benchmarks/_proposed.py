@@ -23,17 +23,16 @@ from ddim_jax._step import MIN_ALPHA_CUMPROD, alpha_at, safe_sqrt
 
 def step_coefficients(state, eta: float, add_noise: bool) -> dict[str, jax.Array]:
     """Per-step scalars (shape ``(S,)``), computed with exactly ddim_update's arithmetic."""
-    a_t = alpha_at(state, state.timesteps)
-    a_prev = alpha_at(state, state.prev_timesteps)
-    a_eps = jnp.maximum(a_t, MIN_ALPHA_CUMPROD)
-    coef = {"sqrt_1m_a": jnp.sqrt(1 - a_eps), "sqrt_a": jnp.sqrt(a_eps), "sqrt_a_prev": jnp.sqrt(a_prev)}
+    (a_t, om_t), (a_prev, om_prev) = alpha_at(state, state.timesteps), alpha_at(state, state.prev_timesteps)
+    a_eps = jnp.where(a_t > 0, a_t, MIN_ALPHA_CUMPROD)
+    coef = {"sqrt_1m_a": jnp.sqrt(om_t), "sqrt_a": jnp.sqrt(a_eps), "sqrt_a_prev": jnp.sqrt(a_prev)}
     if add_noise:
-        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        std = eta * jnp.sqrt(variance)
-        coef["dir"] = safe_sqrt(1 - a_prev - std**2)
-        coef["std"] = std
+        alpha_gap = jnp.where(a_prev < 0.5, a_prev - a_t, om_t - om_prev)
+        coef["std"] = eta * safe_sqrt(om_prev / om_t * (alpha_gap / a_prev))
+        eta2 = eta**2
+        coef["dir"] = safe_sqrt(om_prev * ((1 - eta2) * om_t + eta2 * a_t * om_prev / a_prev) / om_t)
     else:
-        coef["dir"] = jnp.sqrt(1 - a_prev)
+        coef["dir"] = jnp.sqrt(om_prev)
     return coef
 
 

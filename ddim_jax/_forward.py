@@ -15,14 +15,18 @@ def _signal_and_noise_scales(
     state: DDIMState, timesteps: jax.Array, like: jax.Array, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array]:
     t = check_timesteps("timesteps", timesteps, state.config.num_train_timesteps, like)
-    alpha = per_example(state.alphas_cumprod[t], jnp.ndim(like)).astype(dtype)
-    return jnp.sqrt(alpha), jnp.sqrt(1 - alpha)
+    ndim = jnp.ndim(like)
+    alpha = per_example(state.alphas_cumprod[t], ndim).astype(dtype)
+    one_minus = per_example(state.one_minus_alphas_cumprod[t], ndim).astype(dtype)
+    return jnp.sqrt(alpha), jnp.sqrt(one_minus)
 
 
 def add_noise(
     state: DDIMState, original_samples: jax.Array, noise: jax.Array, timesteps: int | jax.Array
 ) -> jax.Array:
     """Diffuses x0 to x_t: ``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` (diffusers ``add_noise``).
+
+    ``1 - a_t`` comes from the state's float64-made table, not from float32 subtraction.
 
     Args:
       state: any state (timesteps need not be set).

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype, per_example
+from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
     ModelCall,
@@ -18,17 +18,24 @@ from ddim_jax._loop import (
     scan_steps,
 )
 from ddim_jax._state import DDIMState
-from ddim_jax._step import StepOutput, alpha_at, clip_or_threshold, predict_x0_and_eps, prev_timestep
+from ddim_jax._step import (
+    Alphas,
+    StepOutput,
+    alpha_at,
+    clip_or_threshold,
+    predict_x0_and_eps,
+    prev_timestep,
+)
 
 __all__ = ["inverse_step", "invert"]
 
 
 def _inverse_update(
-    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array, alpha_next: jax.Array
+    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: Alphas, alpha_next: Alphas
 ) -> StepOutput:
     x0, eps = predict_x0_and_eps(config, model_output, sample, alpha_t)
     x0 = clip_or_threshold(config, x0, allow_thresholding=False)  # diffusers' inverse only clips
-    return StepOutput(jnp.sqrt(alpha_next) * x0 + jnp.sqrt(1 - alpha_next) * eps, x0)
+    return StepOutput(jnp.sqrt(alpha_next.alpha) * x0 + jnp.sqrt(alpha_next.one_minus) * eps, x0)
 
 
 def _source_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
@@ -59,8 +66,8 @@ def inverse_step(
     t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
     dtype = compute_dtype(model_output, sample)
     ndim = jnp.ndim(sample)
-    alpha_t = per_example(alpha_at(state, _source_timestep(state, t)), ndim).astype(dtype)
-    alpha_next = per_example(state.alphas_cumprod[t], ndim).astype(dtype)
+    alpha_t = alpha_at(state, _source_timestep(state, t)).per_example(ndim).astype(dtype)
+    alpha_next = alpha_at(state, t).per_example(ndim).astype(dtype)
     return _inverse_update(
         state.config, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype), alpha_t, alpha_next
     )
@@ -105,7 +112,7 @@ def invert(
     timesteps = state.timesteps[::-1]
     # Per-step alphas are gathered once, outside the scan, so the body only reads scalars.
     alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
-    alphas_next = state.alphas_cumprod[timesteps].astype(dtype)
+    alphas_next = alpha_at(state, timesteps).astype(dtype)
 
     def update(x, step_inputs):
         t, alpha_t, alpha_next = step_inputs

@@ -23,8 +23,11 @@ class DDIMState:
 
     Attributes:
       alphas_cumprod: ``(T,)`` float32, cumulative product of ``1 - beta``.
+      one_minus_alphas_cumprod: ``(T,)`` float32, ``1 - alphas_cumprod`` computed in float64,
+        so it keeps its digits where alphas_cumprod is close to 1 (small t).
       final_alpha_cumprod: ``()`` float32, alpha_cumprod used after the last step (and
         before the first inversion step): 1 if ``set_alpha_to_one`` else ``alphas_cumprod[0]``.
+      final_one_minus_alpha_cumprod: ``()`` float32, ``1 - final_alpha_cumprod`` (float64).
       timesteps: ``(S,)`` int32, descending; None until `set_timesteps`.
       prev_timesteps: ``(S,)`` int32, the timestep each step moves to (``-1`` means the
         final alpha), following ``config.prev_timestep_rule``; None until `set_timesteps`.
@@ -35,11 +38,13 @@ class DDIMState:
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps
       >>> state = set_timesteps(create_state(DDIMConfig()), 50)
       >>> state.num_inference_steps, len(jax.tree_util.tree_leaves(state))
-      (50, 4)
+      (50, 6)
     """
 
     alphas_cumprod: jax.Array
+    one_minus_alphas_cumprod: jax.Array
     final_alpha_cumprod: jax.Array
+    final_one_minus_alpha_cumprod: jax.Array
     timesteps: jax.Array | None
     prev_timesteps: jax.Array | None
     config: DDIMConfig = dataclasses.field(metadata={"static": True})
@@ -105,7 +110,9 @@ def create_state(config: DDIMConfig) -> DDIMState:
     final = 1.0 if config.set_alpha_to_one else alphas_cumprod[0]
     return DDIMState(
         alphas_cumprod=jnp.asarray(alphas_cumprod, dtype=jnp.float32),
+        one_minus_alphas_cumprod=jnp.asarray(1.0 - alphas_cumprod, dtype=jnp.float32),
         final_alpha_cumprod=jnp.asarray(final, dtype=jnp.float32),
+        final_one_minus_alpha_cumprod=jnp.asarray(1.0 - final, dtype=jnp.float32),
         timesteps=None,
         prev_timesteps=None,
         config=config,

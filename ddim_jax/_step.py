@@ -57,19 +57,44 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
+class Alphas(NamedTuple):
+    """alpha_cumprod at some timesteps and ``1 - alpha_cumprod``, both read from tables made in
+    float64: the complement then keeps its digits where alpha_cumprod is close to 1, which
+    ``1 - alpha`` in float32 would lose (diffusers' float32 rounding at small t)."""
+
+    alpha: jax.Array
+    one_minus: jax.Array
+
+    def astype(self, dtype: jnp.dtype) -> Alphas:
+        return Alphas(self.alpha.astype(dtype), self.one_minus.astype(dtype))
+
+    def per_example(self, ndim: int) -> Alphas:
+        return Alphas(per_example(self.alpha, ndim), per_example(self.one_minus, ndim))
+
+
+def alpha_at(state: DDIMState, timesteps: jax.Array) -> Alphas:
+    """alphas_cumprod[t] and its complement, or the final alpha's where t < 0."""
+    index, valid = jnp.maximum(timesteps, 0), timesteps >= 0
+    return Alphas(
+        jnp.where(valid, state.alphas_cumprod[index], state.final_alpha_cumprod),
+        jnp.where(valid, state.one_minus_alphas_cumprod[index], state.final_one_minus_alpha_cumprod),
+    )
+
+
 def predict_x0_and_eps(
-    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array
+    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: Alphas
 ) -> tuple[jax.Array, jax.Array]:
     """Converts the model output to (x0, epsilon) for the config's prediction type."""
+    a, sqrt_one_minus = alpha_t.alpha, jnp.sqrt(alpha_t.one_minus)
     if config.prediction_type == "epsilon":
-        alpha_t = jnp.where(alpha_t > 0, alpha_t, MIN_ALPHA_CUMPROD)
-        x0 = (sample - jnp.sqrt(1 - alpha_t) * model_output) / jnp.sqrt(alpha_t)
+        a = jnp.where(a > 0, a, MIN_ALPHA_CUMPROD)
+        x0 = (sample - sqrt_one_minus * model_output) / jnp.sqrt(a)
         return x0, model_output
     if config.prediction_type == "sample":
-        eps = (sample - jnp.sqrt(alpha_t) * model_output) / jnp.sqrt(1 - alpha_t)
+        eps = (sample - jnp.sqrt(a) * model_output) / sqrt_one_minus
         return model_output, eps
-    x0 = jnp.sqrt(alpha_t) * sample - jnp.sqrt(1 - alpha_t) * model_output  # v_prediction
-    eps = jnp.sqrt(alpha_t) * model_output + jnp.sqrt(1 - alpha_t) * sample
+    x0 = jnp.sqrt(a) * sample - sqrt_one_minus * model_output  # v_prediction
+    eps = jnp.sqrt(a) * model_output + sqrt_one_minus * sample
     return x0, eps
 
 
@@ -93,8 +118,8 @@ def ddim_update(
     config: DDIMConfig,
     model_output: jax.Array,
     sample: jax.Array,
-    alpha_t: jax.Array,
-    alpha_prev: jax.Array,
+    alpha_t: Alphas,
+    alpha_prev: Alphas,
     *,
     eta: jax.Array | float,
     noise: jax.Array | None,
@@ -103,31 +128,26 @@ def ddim_update(
     """The DDIM update on compute-dtype arrays; alphas already broadcast against sample."""
     x0, eps = predict_x0_and_eps(config, model_output, sample, alpha_t)
     x0 = clip_or_threshold(config, x0)
+    (a_t, om_t), (a_prev, om_prev) = alpha_t, alpha_prev  # om: one minus alpha
     if use_clipped_model_output:
-        eps = (sample - jnp.sqrt(alpha_t) * x0) / jnp.sqrt(1 - alpha_t)
-    prev = jnp.sqrt(alpha_prev) * x0
+        eps = (sample - jnp.sqrt(a_t) * x0) / jnp.sqrt(om_t)
+    prev = jnp.sqrt(a_prev) * x0
     if noise is None:
-        return StepOutput(prev + jnp.sqrt(1 - alpha_prev) * eps, x0)
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        return StepOutput(prev + jnp.sqrt(om_prev) * eps, x0)
+    # diffusers' (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), with 1 - a_t / a_prev as the
+    # difference that keeps its digits: (a_prev - a_t) / a_prev for small alphas (high noise),
+    # (om_t - om_prev) / a_prev for alphas close to 1 (low noise).
+    alpha_gap = jnp.where(a_prev < 0.5, a_prev - a_t, om_t - om_prev)
+    variance = om_prev / om_t * (alpha_gap / a_prev)
     std = eta * safe_sqrt(variance)
     # diffusers' direction coefficient sqrt(1 - a_prev - std^2), rearranged so that no terms
     # cancel for eta <= 1: (1 - a_prev) ((1 - eta^2)(1 - a_t) + eta^2 a_t (1 - a_prev) / a_prev)
     # / (1 - a_t). The direct form rounds below 0 at eta = 1 in float32 (diffusers #5969: NaN);
     # this one is >= 0 and exactly 0 where the exact value is (a_prev = 1, or a_t = 0 at eta = 1).
     eta2 = eta**2
-    direction = (
-        (1 - alpha_prev)
-        * ((1 - eta2) * (1 - alpha_t) + eta2 * alpha_t * (1 - alpha_prev) / alpha_prev)
-        / (1 - alpha_t)
-    )
+    direction = om_prev * ((1 - eta2) * om_t + eta2 * a_t * om_prev / a_prev) / om_t
     prev = prev + safe_sqrt(direction) * eps + std * noise
     return StepOutput(prev, x0)
-
-
-def alpha_at(state: DDIMState, timesteps: jax.Array) -> jax.Array:
-    """alphas_cumprod[t], or the final alpha where t < 0."""
-    table = state.alphas_cumprod[jnp.maximum(timesteps, 0)]
-    return jnp.where(timesteps >= 0, table, state.final_alpha_cumprod)
 
 
 def prev_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
@@ -193,8 +213,8 @@ def step(
     add_noise = check_eta(eta, key, variance_noise, jnp.shape(sample)[:1])
     dtype = compute_dtype(model_output, sample)
     ndim = jnp.ndim(sample)
-    alpha_t = per_example(alpha_at(state, t), ndim).astype(dtype)
-    alpha_prev = per_example(alpha_at(state, prev_timestep(state, t)), ndim).astype(dtype)
+    alpha_t = alpha_at(state, t).per_example(ndim).astype(dtype)
+    alpha_prev = alpha_at(state, prev_timestep(state, t)).per_example(ndim).astype(dtype)
     noise = None
     if add_noise:
         if variance_noise is None:

@@ -13,10 +13,10 @@ from ddim_jax import DDIMConfig, DDIMState, betas_for_config, create_state, set_
 def test_state_is_pytree_with_static_config():
     config = DDIMConfig(timestep_spacing="trailing")
     state = create_state(config)
-    assert len(jax.tree_util.tree_leaves(state)) == 2  # tables; timesteps not set yet
+    assert len(jax.tree_util.tree_leaves(state)) == 4  # tables; timesteps not set yet
     state = set_timesteps(state, 10)
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    assert len(leaves) == 4 and all(isinstance(x, jax.Array) for x in leaves)
+    assert len(leaves) == 6 and all(isinstance(x, jax.Array) for x in leaves)
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
     assert isinstance(rebuilt, DDIMState) and rebuilt.config is config
     # the config is part of the structure, not a leaf
@@ -24,6 +24,20 @@ def test_state_is_pytree_with_static_config():
     assert jax.tree_util.tree_structure(other) != treedef
     doubled = jax.tree_util.tree_map(lambda x: x * 2, state)
     assert doubled.config is config and doubled.num_inference_steps == 10
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_complement_table_keeps_its_digits(set_alpha_to_one):
+    """1 - alphas_cumprod is its own float64-made table: float32 ``1 - a`` loses digits near t = 0."""
+    config = DDIMConfig(set_alpha_to_one=set_alpha_to_one)
+    state = create_state(config)
+    exact = 1 - np.cumprod(1 - betas_for_config(config))
+    np.testing.assert_array_equal(state.one_minus_alphas_cumprod, exact.astype(np.float32))
+    final_complement = 0.0 if set_alpha_to_one else exact[0]  # final alpha: 1, or alphas_cumprod[0]
+    assert float(state.final_one_minus_alpha_cumprod) == np.float32(final_complement)
+    subtracted = 1 - np.asarray(state.alphas_cumprod, np.float32)
+    assert np.abs(subtracted[0] / exact[0] - 1) > 1e-4  # float32 subtraction: 4 digits left
+    assert np.abs(np.asarray(state.one_minus_alphas_cumprod[0]) / exact[0] - 1) < 1e-7
 
 
 def test_jit_over_state_does_not_retrace_on_new_values():
