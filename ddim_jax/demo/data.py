@@ -17,6 +17,12 @@ class Digits(NamedTuple):
       y_train: ``(N_train,)`` int32 labels 0-9.
       x_test: ``(N_test, 8, 8, 1)`` float32 in [-1, 1] (never seen in training).
       y_test: ``(N_test,)`` int32 labels.
+
+    Example:
+      >>> from ddim_jax.demo.data import load_digits_split
+      >>> d = load_digits_split()
+      >>> d.x_test.shape, d.y_test.shape, d.y_test.dtype.name
+      ((449, 8, 8, 1), (449,), 'int32')
     """
 
     x_train: np.ndarray

@@ -63,13 +63,36 @@ class Sampler:
         _PROGRESS.bar = bar
 
     def sample(self, x_T: jax.Array, num_steps: int, eta: float, key: jax.Array) -> np.ndarray:
-        """Denoises ``x_T`` with S = ``num_steps`` DDIM steps; returns images in [-1, 1]."""
+        """Denoises ``x_T`` with S = ``num_steps`` DDIM steps; returns images in [-1, 1].
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from ddim_jax import DDIMConfig
+          >>> from ddim_jax.demo.unet import UNet
+          >>> model = UNet(channels=(4,))
+          >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
+          >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
+          >>> sampler = Sampler(model, params, DDIMConfig())
+          >>> sampler.sample(jnp.ones((2, 8, 8, 1)), 3, 1.0, jax.random.key(1)).shape
+          (2, 8, 8, 1)
+        """
         run = _compiled("sample", self.model, self.config, num_steps)
         _PROGRESS.start_cell()
         return np.asarray(jax.block_until_ready(run(self.params, jnp.asarray(x_T), jnp.float32(eta), key)))
 
     def reconstruct(self, x0: jax.Array, num_steps: int) -> np.ndarray:
-        """Encodes ``x0`` with `ddim_jax.invert` and decodes it with eta = 0 sampling, S steps each."""
+        """Encodes ``x0`` with `ddim_jax.invert` and decodes it with eta = 0 sampling, S steps each.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from ddim_jax import DDIMConfig
+          >>> from ddim_jax.demo.unet import UNet
+          >>> model = UNet(channels=(4,))
+          >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
+          >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
+          >>> Sampler(model, params, DDIMConfig()).reconstruct(jnp.zeros((2, 8, 8, 1)), 3).shape
+          (2, 8, 8, 1)
+        """
         run = _compiled("reconstruct", self.model, self.config, num_steps)
         _PROGRESS.start_cell()
         return np.asarray(jax.block_until_ready(run(self.params, jnp.asarray(x0))))
@@ -130,6 +153,21 @@ def quality_table(
 
     Returns:
       ``(table, eta0_samples)``: the table as a JSON-ready dict, and the eta = 0 samples per S.
+
+    Example (raw pixels stand in for the classifier's features):
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from ddim_jax import DDIMConfig
+      >>> from ddim_jax.demo.metrics import FeatureNet
+      >>> from ddim_jax.demo.unet import UNet
+      >>> model = UNet(channels=(4,))
+      >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
+      >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
+      >>> sampler = Sampler(model, params, DDIMConfig())
+      >>> pixels = FeatureNet(lambda x: np.reshape(x, (len(x), -1)), accuracy=1.0)
+      >>> x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1))
+      >>> table, eta0 = quality_table(sampler, pixels, x, x, steps=[3], etas=[0.0], num_samples=2, seed=0)
+      >>> list(table["eta"]), list(table["eta"]["0"]), eta0[3].shape
+      (['0'], ['3'], (2, 8, 8, 1))
     """
     ref = feature_stats(features.features(x_reference))
     n_floor = min(num_samples, len(x_real_test))
@@ -161,7 +199,20 @@ def quality_table(
 
 
 def reconstruction_table(sampler: Sampler, x0: np.ndarray, *, steps: Sequence[int]) -> dict[str, Any]:
-    """Table 2: per-pixel MSE on [0, 1] between held-out digits and invert-then-sample, per S (eta = 0)."""
+    """Table 2: per-pixel MSE on [0, 1] between held-out digits and invert-then-sample, per S (eta = 0).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from ddim_jax import DDIMConfig
+      >>> from ddim_jax.demo.unet import UNet
+      >>> model = UNet(channels=(4,))
+      >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
+      >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
+      >>> sampler = Sampler(model, params, DDIMConfig())
+      >>> table = reconstruction_table(sampler, np.zeros((2, 8, 8, 1)), steps=[3])
+      >>> table["num_digits"], list(table["mse"])
+      (2, ['3'])
+    """
     target = to_unit_range(x0)
     mse = {str(s): float(np.mean((to_unit_range(sampler.reconstruct(x0, s)) - target) ** 2)) for s in steps}
     return {

@@ -53,7 +53,15 @@ class Classifier(nn.Module):
 
 
 class FeatureNet(NamedTuple):
-    """A trained classifier: ``features(x)`` maps ``(N, 8, 8, 1)`` images to ``(N, feature_dim)``."""
+    """A trained classifier: ``features(x)`` maps ``(N, 8, 8, 1)`` images to ``(N, feature_dim)``.
+
+    Example (`train_classifier` makes real ones; raw pixels as a stand-in):
+      >>> import numpy as np
+      >>> from ddim_jax.demo.metrics import FeatureNet
+      >>> pixels = FeatureNet(lambda x: np.reshape(x, (len(x), -1)), accuracy=1.0)
+      >>> pixels.features(np.zeros((3, 8, 8, 1))).shape
+      (3, 64)
+    """
 
     features: Callable[[np.ndarray], np.ndarray]
     accuracy: float
@@ -61,6 +69,16 @@ class FeatureNet(NamedTuple):
 
 
 class FeatureStats(NamedTuple):
+    """Mean ``(D,)`` and covariance ``(D, D)`` of features, as `feature_stats` returns them.
+
+    Example:
+      >>> import numpy as np
+      >>> from ddim_jax.demo.metrics import feature_stats
+      >>> stats = feature_stats(np.eye(3))
+      >>> stats.mean.shape, stats.cov.shape
+      ((3,), (3, 3))
+    """
+
     mean: np.ndarray
     cov: np.ndarray
 

@@ -70,14 +70,33 @@ class TrainSettings:
 
         ``clip_sample`` only affects sampling. It is off by default: clipping x0 at every step
         (diffusers' default) measurably breaks fine-step eta = 0 sampling and inversion here.
+
+        Example:
+          >>> from ddim_jax.demo.train import TrainSettings
+          >>> s = TrainSettings()
+          >>> s.scheduler_config().clip_sample, s.scheduler_config(clip_sample=True).clip_sample
+          (False, True)
         """
         return ddim_jax.DDIMConfig(num_train_timesteps=self.num_train_timesteps, clip_sample=clip_sample)
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict, plus the cache format ``version``.
+
+        Example:
+          >>> from ddim_jax.demo.train import TrainSettings
+          >>> TrainSettings().to_dict()["channels"]
+          [16, 32]
+        """
         return {**dataclasses.asdict(self), "channels": list(self.channels), "version": _CACHE_VERSION}
 
     def cache_key(self) -> str:
-        """A short hash of the settings (and the cache format version)."""
+        """A short hash of the settings (and the cache format version).
+
+        Example:
+          >>> from ddim_jax.demo.train import TrainSettings
+          >>> len(TrainSettings().cache_key()), TrainSettings().cache_key() == TrainSettings().cache_key()
+          (16, True)
+        """
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
