@@ -8,7 +8,6 @@ Usage: ``python benchmarks/eta_noise.py [--quick] [--repeats N]``
 from __future__ import annotations
 
 import _bench as B
-import _proposed as P
 import jax
 
 import ddim_jax
@@ -22,10 +21,6 @@ KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 def sample_eta(state, x, key):
     return ddim_jax.sample(B.model_fn, state, x, key=key, eta=1.0)
-
-
-def proposed_eta(state, x, key):
-    return P.sample_precomputed(B.model_fn, state, x, key=key, eta=1.0)
 
 
 def sample_eta0(state, x):
@@ -45,7 +40,6 @@ def measure(shape, repeats):
     add("sample, eta=0", sample_eta0, state, x_T)
     for impl in KEY_IMPLS:
         add(f"sample, eta=1, {impl}", sample_eta, state, x_T, jax.random.key(1, impl=impl))
-    add("proposed, eta=1, threefry2x32", proposed_eta, state, x_T, jax.random.key(1))
     coef1 = B.floor_coefficients(state, eta=1.0)
     for impl in ("threefry2x32", "rbg"):
         add(
@@ -57,9 +51,6 @@ def measure(shape, repeats):
             runs[f"diffusers, eta={eta:g}"] = diff[0]
     med = B.interleaved(runs, repeats)
     check = B.rel_diff(res["sample, eta=1, threefry2x32"], res["floor, eta=1, threefry2x32"])
-    check += ", proposed vs sample: " + B.rel_diff(
-        res["proposed, eta=1, threefry2x32"], res["sample, eta=1, threefry2x32"]
-    )
     return med, check
 
 

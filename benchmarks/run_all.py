@@ -61,8 +61,6 @@ def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
                 verdict(worst <= target, f"worst {worst:.2f}x"),
             ]
         )
-    if "proposed" in summary:
-        rows.append(["proposed hoisted-sqrt variant vs the floor", "-", _fmt(summary["proposed"]), "info"])
     if "diffusers" in summary:
         worst = min(summary["diffusers"].values())
         ok = worst >= 15 if gpu else True

@@ -7,7 +7,6 @@ Usage: ``python benchmarks/scheduler_loop.py [--quick] [--repeats N]``
 from __future__ import annotations
 
 import _bench as B
-import _proposed as P
 import jax
 import numpy as np
 
@@ -20,10 +19,6 @@ STEPS = 50
 
 def sample_fn(state, x):
     return ddim_jax.sample(B.model_fn, state, x)
-
-
-def proposed_fn(state, x):
-    return P.sample_precomputed(B.model_fn, state, x)
 
 
 def contenders(shape, steps):
@@ -44,13 +39,6 @@ def contenders(shape, steps):
     out["ddim_jax.sample"] = (
         lambda: res.__setitem__("sample", B.block(samp(state, x_T))),
         lambda: res["sample"],
-        lo + co,
-    )
-
-    prop, lo, co = B.compile_jit(proposed_fn, state, x_T)
-    out["proposed: hoisted sqrt (see README)"] = (
-        lambda: res.__setitem__("prop", B.block(prop(state, x_T))),
-        lambda: res["prop"],
         lo + co,
     )
 
@@ -85,7 +73,6 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         floor_t = med["floor (fused scan)"]
         diff_t = med.get("diffusers (torch)")
         B.record("floor", B.shape_str(shape), med["ddim_jax.sample"] / floor_t)
-        B.record("proposed", B.shape_str(shape), med["proposed: hoisted sqrt (see README)"] / floor_t)
         if diff_t is not None:
             B.record("diffusers", B.shape_str(shape), diff_t / med["ddim_jax.sample"])
         for name, (_, result, compile_s) in cs.items():

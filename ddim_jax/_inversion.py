@@ -20,22 +20,27 @@ from ddim_jax._loop import (
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
     Alphas,
+    StepCoefficients,
     StepOutput,
     alpha_at,
-    clip_or_threshold,
-    predict_x0_and_eps,
+    ddim_update,
     prev_timestep,
+    step_coefficients,
 )
 
 __all__ = ["inverse_step", "invert"]
 
 
+def _inverse_coefficients(config: DDIMConfig, alpha_t: Alphas, alpha_next: Alphas) -> StepCoefficients:
+    """An inversion step is a deterministic DDIM update from t's alpha to the noisier t_next's."""
+    return step_coefficients(config, alpha_t, alpha_next, 0.0, add_noise=False)
+
+
 def _inverse_update(
-    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: Alphas, alpha_next: Alphas
+    config: DDIMConfig, coef: StepCoefficients, model_output: jax.Array, sample: jax.Array
 ) -> StepOutput:
-    x0, eps = predict_x0_and_eps(config, model_output, sample, alpha_t)
-    x0 = clip_or_threshold(config, x0, allow_thresholding=False)  # diffusers' inverse only clips
-    return StepOutput(jnp.sqrt(alpha_next.alpha) * x0 + jnp.sqrt(alpha_next.one_minus) * eps, x0)
+    # diffusers' inverse scheduler clips x0 per clip_sample but never thresholds it.
+    return ddim_update(config, coef, model_output, sample, noise=None, allow_thresholding=False)
 
 
 def _source_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
@@ -65,12 +70,10 @@ def inverse_step(
     check_same_shape("model_output", model_output, "sample", sample)
     t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
     dtype = compute_dtype(model_output, sample)
-    ndim = jnp.ndim(sample)
-    alpha_t = alpha_at(state, _source_timestep(state, t)).per_example(ndim).astype(dtype)
-    alpha_next = alpha_at(state, t).per_example(ndim).astype(dtype)
-    return _inverse_update(
-        state.config, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype), alpha_t, alpha_next
-    )
+    alpha_t = alpha_at(state, _source_timestep(state, t)).astype(dtype)
+    alpha_next = alpha_at(state, t).astype(dtype)
+    coef = _inverse_coefficients(state.config, alpha_t, alpha_next).per_example(jnp.ndim(sample))
+    return _inverse_update(state.config, coef, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype))
 
 
 def invert(
@@ -110,19 +113,18 @@ def invert(
     config = state.config
     dtype = compute_dtype(x0)
     timesteps = state.timesteps[::-1]
-    # Per-step alphas are gathered once, outside the scan, so the body only reads scalars.
+    # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
     alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
-    alphas_next = alpha_at(state, timesteps).astype(dtype)
+    coefs = _inverse_coefficients(config, alphas_source, alpha_at(state, timesteps).astype(dtype))
 
     def update(x, step_inputs):
-        t, alpha_t, alpha_next = step_inputs
-        out = model(x, t)
-        return _inverse_update(config, out, x, alpha_t, alpha_next)
+        t, coef = step_inputs
+        return _inverse_update(config, coef, model(x, t), x)
 
     x, trajectory = scan_steps(
         update,
         jnp.asarray(x0, dtype),
-        (timesteps, alphas_source, alphas_next),
+        (timesteps, coefs),
         return_trajectory=return_trajectory,
         callback=callback,
         callback_every=callback_every,

@@ -18,7 +18,7 @@ from ddim_jax._loop import (
 )
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._state import DDIMState
-from ddim_jax._step import alpha_at, ddim_update
+from ddim_jax._step import alpha_at, ddim_update, step_coefficients
 
 __all__ = ["sample"]
 
@@ -119,29 +119,23 @@ def sample(
     eta = jnp.asarray(eta, dtype)
     timesteps = state.timesteps
     keys = step_keys(key, timesteps.shape[0]) if add_noise else None
-    # Per-step alphas are gathered once, outside the scan, so the body only reads scalars.
+    # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
     alphas_t = alpha_at(state, timesteps).astype(dtype)
     alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
+    coefs = step_coefficients(config, alphas_t, alphas_prev, eta, add_noise)
 
     def update(x, step_inputs):
-        t, alpha_t, alpha_prev, step_key = step_inputs
+        t, coef, step_key = step_inputs
         out = model(x, t)
         noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
         return ddim_update(
-            config,
-            out,
-            x,
-            alpha_t,
-            alpha_prev,
-            eta=eta,
-            noise=noise,
-            use_clipped_model_output=use_clipped_model_output,
+            config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
         )
 
     x, trajectory = scan_steps(
         update,
         x,
-        (timesteps, alphas_t, alphas_prev, keys),
+        (timesteps, coefs, keys),
         return_trajectory=return_trajectory,
         callback=callback,
         callback_every=callback_every,

@@ -68,9 +68,6 @@ class Alphas(NamedTuple):
     def astype(self, dtype: jnp.dtype) -> Alphas:
         return Alphas(self.alpha.astype(dtype), self.one_minus.astype(dtype))
 
-    def per_example(self, ndim: int) -> Alphas:
-        return Alphas(per_example(self.alpha, ndim), per_example(self.one_minus, ndim))
-
 
 def alpha_at(state: DDIMState, timesteps: jax.Array) -> Alphas:
     """alphas_cumprod[t] and its complement, or the final alpha's where t < 0."""
@@ -81,21 +78,61 @@ def alpha_at(state: DDIMState, timesteps: jax.Array) -> Alphas:
     )
 
 
+class StepCoefficients(NamedTuple):
+    """The scalars of a DDIM update from t to t_prev: scalars, or one per example or per step.
+
+    `sample` computes them for all S steps before its scan, so a step inside the loop is one
+    elementwise pass over the latents with no per-step scalar work.
+    """
+
+    sqrt_alpha: jax.Array  # sqrt(a_t); 2**-12 for an epsilon prediction where a_t == 0
+    inv_sqrt_alpha: jax.Array  # 1 / sqrt_alpha (x0 from epsilon: a multiply, not a divide)
+    sqrt_one_minus: jax.Array  # sqrt(1 - a_t)
+    sqrt_alpha_prev: jax.Array  # sqrt(a_prev): the weight of x0
+    direction: jax.Array  # sqrt(1 - a_prev - std^2): the weight of epsilon
+    std: jax.Array  # eta * sigma_t: the weight of the noise
+
+    def per_example(self, ndim: int) -> StepCoefficients:
+        return StepCoefficients(*(per_example(c, ndim) for c in self))
+
+
+def step_coefficients(
+    config: DDIMConfig, alpha_t: Alphas, alpha_prev: Alphas, eta: jax.Array | float, add_noise: bool
+) -> StepCoefficients:
+    """The update's scalars from the alphas at t and t_prev (any matching shapes)."""
+    (a_t, om_t), (a_prev, om_prev) = alpha_t, alpha_prev  # om: one minus alpha
+    sqrt_alpha = jnp.sqrt(a_t)
+    if config.prediction_type == "epsilon":
+        sqrt_alpha = jnp.where(a_t > 0, sqrt_alpha, MIN_ALPHA_CUMPROD**0.5)
+    if not add_noise:
+        direction, std = jnp.sqrt(om_prev), jnp.zeros_like(a_t)
+    else:
+        # diffusers' (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), with 1 - a_t / a_prev as the
+        # difference that keeps its digits: (a_prev - a_t) / a_prev for small alphas (high
+        # noise), (om_t - om_prev) / a_prev for alphas close to 1 (low noise).
+        alpha_gap = jnp.where(a_prev < 0.5, a_prev - a_t, om_t - om_prev)
+        std = eta * safe_sqrt(om_prev / om_t * (alpha_gap / a_prev))
+        # diffusers' sqrt(1 - a_prev - std^2), rearranged so that no terms cancel for eta <= 1:
+        # (1 - a_prev) ((1 - eta^2)(1 - a_t) + eta^2 a_t (1 - a_prev) / a_prev) / (1 - a_t).
+        # The direct form rounds below 0 at eta = 1 in float32 (diffusers #5969: NaN); this one
+        # is >= 0 and exactly 0 where the exact value is (a_prev = 1, or a_t = 0 at eta = 1).
+        eta2 = eta**2
+        direction = safe_sqrt(om_prev * ((1 - eta2) * om_t + eta2 * a_t * om_prev / a_prev) / om_t)
+    inv_sqrt_alpha = 1 / jnp.where(sqrt_alpha > 0, sqrt_alpha, 1.0)  # (unused where a_t == 0)
+    return StepCoefficients(sqrt_alpha, inv_sqrt_alpha, jnp.sqrt(om_t), jnp.sqrt(a_prev), direction, std)
+
+
 def predict_x0_and_eps(
-    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, alpha_t: Alphas
+    config: DDIMConfig, model_output: jax.Array, sample: jax.Array, coef: StepCoefficients
 ) -> tuple[jax.Array, jax.Array]:
     """Converts the model output to (x0, epsilon) for the config's prediction type."""
-    a, sqrt_one_minus = alpha_t.alpha, jnp.sqrt(alpha_t.one_minus)
+    sqrt_a, sqrt_om = coef.sqrt_alpha, coef.sqrt_one_minus
     if config.prediction_type == "epsilon":
-        a = jnp.where(a > 0, a, MIN_ALPHA_CUMPROD)
-        x0 = (sample - sqrt_one_minus * model_output) / jnp.sqrt(a)
-        return x0, model_output
+        return (sample - sqrt_om * model_output) * coef.inv_sqrt_alpha, model_output
     if config.prediction_type == "sample":
-        eps = (sample - jnp.sqrt(a) * model_output) / sqrt_one_minus
-        return model_output, eps
-    x0 = jnp.sqrt(a) * sample - sqrt_one_minus * model_output  # v_prediction
-    eps = jnp.sqrt(a) * model_output + sqrt_one_minus * sample
-    return x0, eps
+        return model_output, (sample - sqrt_a * model_output) / sqrt_om
+    x0 = sqrt_a * sample - sqrt_om * model_output  # v_prediction
+    return x0, sqrt_a * model_output + sqrt_om * sample
 
 
 def dynamic_threshold(config: DDIMConfig, x0: jax.Array) -> jax.Array:
@@ -116,37 +153,22 @@ def clip_or_threshold(config: DDIMConfig, x0: jax.Array, allow_thresholding: boo
 
 def ddim_update(
     config: DDIMConfig,
+    coef: StepCoefficients,
     model_output: jax.Array,
     sample: jax.Array,
-    alpha_t: Alphas,
-    alpha_prev: Alphas,
     *,
-    eta: jax.Array | float,
     noise: jax.Array | None,
-    use_clipped_model_output: bool,
+    use_clipped_model_output: bool = False,
+    allow_thresholding: bool = True,
 ) -> StepOutput:
-    """The DDIM update on compute-dtype arrays; alphas already broadcast against sample."""
-    x0, eps = predict_x0_and_eps(config, model_output, sample, alpha_t)
-    x0 = clip_or_threshold(config, x0)
-    (a_t, om_t), (a_prev, om_prev) = alpha_t, alpha_prev  # om: one minus alpha
+    """The DDIM update on compute-dtype arrays; coefficients already broadcast against sample."""
+    x0, eps = predict_x0_and_eps(config, model_output, sample, coef)
+    x0 = clip_or_threshold(config, x0, allow_thresholding)
     if use_clipped_model_output:
-        eps = (sample - jnp.sqrt(a_t) * x0) / jnp.sqrt(om_t)
-    prev = jnp.sqrt(a_prev) * x0
-    if noise is None:
-        return StepOutput(prev + jnp.sqrt(om_prev) * eps, x0)
-    # diffusers' (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), with 1 - a_t / a_prev as the
-    # difference that keeps its digits: (a_prev - a_t) / a_prev for small alphas (high noise),
-    # (om_t - om_prev) / a_prev for alphas close to 1 (low noise).
-    alpha_gap = jnp.where(a_prev < 0.5, a_prev - a_t, om_t - om_prev)
-    variance = om_prev / om_t * (alpha_gap / a_prev)
-    std = eta * safe_sqrt(variance)
-    # diffusers' direction coefficient sqrt(1 - a_prev - std^2), rearranged so that no terms
-    # cancel for eta <= 1: (1 - a_prev) ((1 - eta^2)(1 - a_t) + eta^2 a_t (1 - a_prev) / a_prev)
-    # / (1 - a_t). The direct form rounds below 0 at eta = 1 in float32 (diffusers #5969: NaN);
-    # this one is >= 0 and exactly 0 where the exact value is (a_prev = 1, or a_t = 0 at eta = 1).
-    eta2 = eta**2
-    direction = om_prev * ((1 - eta2) * om_t + eta2 * a_t * om_prev / a_prev) / om_t
-    prev = prev + safe_sqrt(direction) * eps + std * noise
+        eps = (sample - coef.sqrt_alpha * x0) / coef.sqrt_one_minus
+    prev = coef.sqrt_alpha_prev * x0 + coef.direction * eps
+    if noise is not None:
+        prev = prev + coef.std * noise
     return StepOutput(prev, x0)
 
 
@@ -212,9 +234,10 @@ def step(
     t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
     add_noise = check_eta(eta, key, variance_noise, jnp.shape(sample)[:1])
     dtype = compute_dtype(model_output, sample)
-    ndim = jnp.ndim(sample)
-    alpha_t = alpha_at(state, t).per_example(ndim).astype(dtype)
-    alpha_prev = alpha_at(state, prev_timestep(state, t)).per_example(ndim).astype(dtype)
+    alpha_t = alpha_at(state, t).astype(dtype)
+    alpha_prev = alpha_at(state, prev_timestep(state, t)).astype(dtype)
+    coef = step_coefficients(state.config, alpha_t, alpha_prev, jnp.asarray(eta, dtype), add_noise)
+    coef = coef.per_example(jnp.ndim(sample))
     noise = None
     if add_noise:
         if variance_noise is None:
@@ -223,11 +246,9 @@ def step(
             noise = jnp.asarray(variance_noise, dtype)
     return ddim_update(
         state.config,
+        coef,
         jnp.asarray(model_output, dtype),
         jnp.asarray(sample, dtype),
-        alpha_t,
-        alpha_prev,
-        eta=jnp.asarray(eta, dtype),
         noise=noise,
         use_clipped_model_output=use_clipped_model_output,
     )
