@@ -61,7 +61,7 @@ def sample(
       key: ``jax.random`` key for the eta noise; step i uses ``jax.random.split(key, S)[i]``
         and draws noise for the whole (global) batch, so results do not depend on sharding.
         Any key implementation works (e.g. ``jax.random.key(seed, impl="rbg")``); the noise
-        draw dominates an eta > 0 step, and on CPU the default threefry is 3-5x faster than
+        draw dominates an eta > 0 step, and on CPU the default threefry is 3-6x faster than
         rbg (benchmarks/RESULTS.md). Under sharding, threefry draws each device's slice
         locally while rbg generates the whole batch's noise on every device. Or one key per
         example (shape ``(batch,)``, e.g. ``jax.random.split(key, batch)``, like diffusers'
