@@ -62,17 +62,25 @@ class Sampler:
         self.model, self.params, self.config = model, params, config
         _PROGRESS.bar = bar
 
+    @classmethod
+    def untrained(cls, channels: Sequence[int] = (4,), config: ddim_jax.DDIMConfig | None = None) -> Sampler:
+        """A sampler on an untrained UNet with all-zero parameters, for examples and smoke tests
+        (the parameters come from ``jax.eval_shape``: nothing is initialized or trained).
+
+        Example:
+          >>> Sampler.untrained().config.num_train_timesteps
+          1000
+        """
+        model = UNet(channels=tuple(channels))
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
+        return cls(model, jax.tree.map(jnp.zeros_like, shapes), config or ddim_jax.DDIMConfig())
+
     def sample(self, x_T: jax.Array, num_steps: int, eta: float, key: jax.Array) -> np.ndarray:
         """Denoises ``x_T`` with S = ``num_steps`` DDIM steps; returns images in [-1, 1].
 
         Example:
           >>> import jax, jax.numpy as jnp
-          >>> from ddim_jax import DDIMConfig
-          >>> from ddim_jax.demo.unet import UNet
-          >>> model = UNet(channels=(4,))
-          >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
-          >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
-          >>> sampler = Sampler(model, params, DDIMConfig())
+          >>> sampler = Sampler.untrained()
           >>> sampler.sample(jnp.ones((2, 8, 8, 1)), 3, 1.0, jax.random.key(1)).shape
           (2, 8, 8, 1)
         """
@@ -84,13 +92,8 @@ class Sampler:
         """Encodes ``x0`` with `ddim_jax.invert` and decodes it with eta = 0 sampling, S steps each.
 
         Example:
-          >>> import jax, jax.numpy as jnp
-          >>> from ddim_jax import DDIMConfig
-          >>> from ddim_jax.demo.unet import UNet
-          >>> model = UNet(channels=(4,))
-          >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
-          >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
-          >>> Sampler(model, params, DDIMConfig()).reconstruct(jnp.zeros((2, 8, 8, 1)), 3).shape
+          >>> import jax.numpy as jnp
+          >>> Sampler.untrained().reconstruct(jnp.zeros((2, 8, 8, 1)), 3).shape
           (2, 8, 8, 1)
         """
         run = _compiled("reconstruct", self.model, self.config, num_steps)
@@ -155,14 +158,9 @@ def quality_table(
       ``(table, eta0_samples)``: the table as a JSON-ready dict, and the eta = 0 samples per S.
 
     Example (raw pixels stand in for the classifier's features):
-      >>> import jax, jax.numpy as jnp, numpy as np
-      >>> from ddim_jax import DDIMConfig
+      >>> import numpy as np
       >>> from ddim_jax.demo.metrics import FeatureNet
-      >>> from ddim_jax.demo.unet import UNet
-      >>> model = UNet(channels=(4,))
-      >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
-      >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
-      >>> sampler = Sampler(model, params, DDIMConfig())
+      >>> sampler = Sampler.untrained()
       >>> pixels = FeatureNet(lambda x: np.reshape(x, (len(x), -1)), accuracy=1.0)
       >>> x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1))
       >>> table, eta0 = quality_table(sampler, pixels, x, x, steps=[3], etas=[0.0], num_samples=2, seed=0)
@@ -202,13 +200,8 @@ def reconstruction_table(sampler: Sampler, x0: np.ndarray, *, steps: Sequence[in
     """Table 2: per-pixel MSE on [0, 1] between held-out digits and invert-then-sample, per S (eta = 0).
 
     Example:
-      >>> import jax, jax.numpy as jnp, numpy as np
-      >>> from ddim_jax import DDIMConfig
-      >>> from ddim_jax.demo.unet import UNet
-      >>> model = UNet(channels=(4,))
-      >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
-      >>> params = jax.tree.map(jnp.zeros_like, shapes)  # stand-in: only the shapes matter here
-      >>> sampler = Sampler(model, params, DDIMConfig())
+      >>> import numpy as np
+      >>> sampler = Sampler.untrained()
       >>> table = reconstruction_table(sampler, np.zeros((2, 8, 8, 1)), steps=[3])
       >>> table["num_digits"], list(table["mse"])
       (2, ['3'])
