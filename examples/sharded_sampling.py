@@ -3,7 +3,10 @@
 The batch is split over a one-axis mesh with ``NamedSharding(mesh, P("data"))``; the model
 parameters are replicated with ``NamedSharding(mesh, P())``. `ddim_jax.sample` itself is
 unchanged: jit and the input shardings do the rest. With eta > 0 the result does not depend on
-the number of devices, because the noise is drawn for the global batch from one key.
+the number of devices: with ``--keys one`` the noise is drawn for the global batch from one
+key; with ``--keys per-example`` each example draws from its own key
+(``jax.random.split(key, batch)``, sharded like the batch), which also holds inside
+``shard_map`` / ``pmap``.
 
 On a CPU-only machine the N devices are simulated (``JAX_NUM_CPU_DEVICES``, set here before
 JAX starts); they share the machine's cores, so N devices are not faster there.
@@ -11,6 +14,7 @@ JAX starts); they share the machine's cores, so N devices are not faster there.
 Usage:
   python examples/sharded_sampling.py                      # 1 vs 8 devices, ~15 s on 2 CPU cores
   python examples/sharded_sampling.py --batch 256 --size 32 --steps 50 --devices 1 2 4 8
+  python examples/sharded_sampling.py --keys per-example
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.5, help="DDIM eta (> 0 draws noise)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per device count (best is shown)")
+    p.add_argument(
+        "--keys", choices=["one", "per-example"], default="one", help="one key, or one per example"
+    )
     args = p.parse_args()
     for n in args.devices:
         if n < 1 or args.batch % n:
@@ -91,21 +98,24 @@ def main() -> None:
 
     run = jax.jit(run)
     key = jax.random.key(2)
+    if args.keys == "per-example":
+        key = jax.random.split(key, args.batch)
     results = {}
-    print(f"batch {shape}, {args.steps} steps, eta {args.eta}, model {args.features} features")
+    print(f"batch {shape}, {args.steps} steps, eta {args.eta}, keys: {args.keys}, {args.features} features")
     print(f"{'devices':>7} {'compile s':>10} {'run s':>8} {'samples/s':>10} {'max |diff| vs first':>20}")
     for n in args.devices:
         mesh = jax.make_mesh((n,), ("data",), devices=available[:n])
         batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         p_n, x_n = jax.device_put(params, replicated), jax.device_put(x_T, batch)
+        key_n = jax.device_put(key, batch if args.keys == "per-example" else replicated)
 
         t0 = time.perf_counter()
-        compiled = run.lower(p_n, x_n, key, args.eta).compile()
+        compiled = run.lower(p_n, x_n, key_n, args.eta).compile()
         compile_s = time.perf_counter() - t0
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            out = compiled(p_n, x_n, key, args.eta).block_until_ready()
+            out = compiled(p_n, x_n, key_n, args.eta).block_until_ready()
             times.append(time.perf_counter() - t0)
         assert out.sharding.is_equivalent_to(batch, out.ndim), out.sharding
         results[n] = np.asarray(out)

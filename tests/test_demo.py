@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -143,3 +145,18 @@ def test_interpolation_example(demo_runs, tmp_path):
     )
     assert images.shape == (6, 8, 8, 1)
     assert read_png(out).shape == (2 * 33 + 1, 3 * 33 + 1)
+
+
+@pytest.mark.parametrize("keys", ["one", "per-example"])
+def test_sharded_sampling_example_agrees_across_device_counts(keys):
+    script = Path(__file__).resolve().parents[1] / "examples" / "sharded_sampling.py"
+    args = ["--batch", "8", "--size", "8", "--steps", "3", "--features", "8", "--repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, str(script), *args, "--devices", "1", "2", "8", "--keys", keys],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"keys: {keys}" in run.stdout and "results agree across [1, 2, 8] devices" in run.stdout
