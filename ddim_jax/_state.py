@@ -37,8 +37,8 @@ class DDIMState:
       >>> import jax
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps
       >>> state = set_timesteps(create_state(DDIMConfig()), 50)
-      >>> state.num_inference_steps, len(jax.tree_util.tree_leaves(state))
-      (50, 6)
+      >>> state.num_inference_steps, state.init_noise_sigma, len(jax.tree_util.tree_leaves(state))
+      (50, 1.0, 6)
     """
 
     alphas_cumprod: jax.Array
@@ -48,6 +48,11 @@ class DDIMState:
     timesteps: jax.Array | None
     prev_timesteps: jax.Array | None
     config: DDIMConfig = dataclasses.field(metadata={"static": True})
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """1.0: DDIM starts from standard normal x_T (diffusers' ``init_noise_sigma``)."""
+        return 1.0
 
     @property
     def num_inference_steps(self) -> int | None:
