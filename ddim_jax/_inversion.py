@@ -15,6 +15,7 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_loop_options,
+    check_start_step,
     scan_steps,
 )
 from ddim_jax._state import DDIMState
@@ -90,11 +91,14 @@ def invert(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
+    start_step: int = 0,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Encodes a clean sample to noise by running `inverse_step` over the ascending schedule.
 
     One ``lax.scan``; the arguments mean what they mean for `sample`. Sampling the result
-    with the same state and eta = 0 reconstructs ``x0`` (closely, for enough steps).
+    with the same state and eta = 0 reconstructs ``x0`` (closely, for enough steps). With
+    ``start_step`` the inversion stops at ``state.timesteps[start_step]``, where
+    ``sample(..., start_step=start_step)`` begins (partial inversion for editing).
 
     Example:
       >>> import jax.numpy as jnp
@@ -108,11 +112,12 @@ def invert(
     """
     check_ready(state, "invert")
     check_loop_options(x0, callback, callback_every)
+    start = check_start_step(start_step, state.num_inference_steps)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     config = state.config
     dtype = compute_dtype(x0)
-    timesteps = state.timesteps[::-1]
+    timesteps = state.timesteps[start:][::-1]
     # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
     alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
     coefs = _inverse_coefficients(config, alphas_source, alpha_at(state, timesteps).astype(dtype))

@@ -116,6 +116,18 @@ def check_loop_options(latents: Any, callback: Any, callback_every: Any) -> None
         raise ValueError(f"callback_every must be an int >= 1, got {callback_every!r}")
 
 
+def check_start_step(start_step: Any, num_inference_steps: int) -> int:
+    try:
+        index = operator.index(start_step)
+    except TypeError:
+        index = -1
+    if isinstance(start_step, bool) or not 0 <= index < num_inference_steps:
+        raise ValueError(
+            f"start_step must be an int in [0, num_inference_steps={num_inference_steps}), got {start_step!r}"
+        )
+    return index
+
+
 def scan_steps(
     update: Callable[[jax.Array, Any], StepOutput],
     x: jax.Array,

@@ -14,6 +14,7 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_loop_options,
+    check_start_step,
     scan_steps,
 )
 from ddim_jax._noise import normal_noise, step_keys
@@ -40,6 +41,7 @@ def sample(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
+    start_step: int = 0,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Denoises ``latents`` over ``state.timesteps`` in one ``lax.scan`` (no host round-trips).
 
@@ -81,10 +83,16 @@ def sample(
         the carry and the scheduler math stay float32.
       return_trajectory: also return the stacked per-step `Trajectory` (O(S x batch) memory).
       callback: ``callback(step_index, timestep, pred_original_sample)`` run on the host
-        every ``callback_every`` steps and at the last step (``jax.debug.callback``).
+        every ``callback_every`` steps and at the last step (``jax.debug.callback``);
+        ``step_index`` counts this call's steps from 0.
       callback_every: the callback's period in steps.
       remat: rematerialize each step on the backward pass (``jax.checkpoint``), so
         ``jax.grad`` through the loop stores one carry per step, not the model's activations.
+      start_step: start at ``state.timesteps[start_step]`` with ``latents`` at that noise level
+        and run the remaining steps (image-to-image / SDEdit: noise the input there with
+        `add_noise`; diffusers' ``strength`` s is ``start_step = S - int(S * s)``). Step i
+        still draws its noise from ``split(key, S)[i]``. A Python int: each value compiles
+        its own program.
 
     Returns:
       The final sample (float32, the shape of ``latents``), or ``(sample, trajectory)``.
@@ -110,6 +118,7 @@ def sample(
     """
     check_ready(state, "sample")
     check_loop_options(latents, callback, callback_every)
+    start = check_start_step(start_step, state.num_inference_steps)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
@@ -117,11 +126,11 @@ def sample(
     dtype = compute_dtype(latents)
     x = jnp.asarray(latents, dtype)
     eta = jnp.asarray(eta, dtype)
-    timesteps = state.timesteps
-    keys = step_keys(key, timesteps.shape[0]) if add_noise else None
+    timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
+    keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
     # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
     alphas_t = alpha_at(state, timesteps).astype(dtype)
-    alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
+    alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
     coefs = step_coefficients(config, alphas_t, alphas_prev, eta, add_noise)
 
     def update(x, step_inputs):

@@ -198,6 +198,24 @@ def test_invert_then_sample_reconstructs_and_error_falls_with_steps(spacing, rul
     assert order(errors, steps) > 0.8 and order(encode_errors, steps) > 0.8, (errors, encode_errors)
 
 
+def test_partial_inversion_stops_where_sample_starts():
+    """invert(start_step=k) runs the full inversion's first S - k steps and stops at timesteps[k];
+    sample(start_step=k) from there reconstructs x0 (the exact Gaussian denoiser)."""
+    state, k = make_state(40, clip_sample=False), 25
+    model = gaussian_eps_model(state)
+    x0 = MU + SIGMA * jax.random.normal(jax.random.key(0), (4, 64))
+    _, full = invert(model, state, x0, return_trajectory=True)
+    x_k = invert(model, state, x0, start_step=k)
+    np.testing.assert_allclose(x_k, full.prev_sample[state.num_inference_steps - k - 1], rtol=1e-6, atol=1e-6)
+    a = state.alphas_cumprod[state.timesteps[k]]
+    exact = jnp.sqrt(a) * MU + jnp.sqrt(a * SIGMA**2 + 1 - a) * (x0 - MU) / SIGMA
+    # Measured: rms 0.031 from the exact ODE value, 0.033 round trip (0.045 for the full round trip).
+    assert float(jnp.sqrt(jnp.mean((x_k - exact) ** 2))) < 0.045
+    assert float(jnp.sqrt(jnp.mean((sample(model, state, x_k, start_step=k) - x0) ** 2))) < 0.045
+    with pytest.raises(ValueError, match=r"start_step must be an int in \[0, num_inference_steps=40\)"):
+        invert(model, state, x0, start_step=40)
+
+
 def test_invert_bad_inputs():
     state = make_state(4)
     x = jnp.ones(SHAPE)

@@ -160,6 +160,28 @@ def test_per_example_keys_equal_python_loop_and_do_not_depend_on_the_batch():
     assert float(jnp.min(jnp.max(jnp.abs(same[1:] - same[:1]), axis=(1, 2, 3)))) > 0.1
 
 
+def test_start_step_runs_the_tail_of_the_schedule():
+    """Image-to-image: noise x0 to timesteps[k] with add_noise, then run steps k..S-1 only."""
+    state, w, key = make_state(8, **CONFIGS[0]), 0.8, jax.random.key(4)
+    x0, noise = latents(1), latents(2)
+    k = 3
+    x_k = ddim_jax.add_noise(state, x0, noise, state.timesteps[k])
+    run = jax.jit(lambda x, key: sample(model_fn, state, x, key=key, eta=0.6, model_args=(w,), start_step=k))
+    out = run(x_k, key)
+    # The reference: the same steps by hand, step i drawing from split(key, S)[i] as a full run does.
+    keys = jax.random.split(key, state.num_inference_steps)
+    x = x_k
+    for i in range(k, state.num_inference_steps):
+        t = int(state.timesteps[i])
+        x = step(state, model_fn(x, jnp.int32(t), w), t, x, eta=0.6, key=keys[i]).prev_sample
+    np.testing.assert_allclose(out, x, rtol=2e-5, atol=2e-5)
+    _, traj = sample(model_fn, state, x_k, model_args=(w,), start_step=k, return_trajectory=True)
+    assert traj.prev_sample.shape == (state.num_inference_steps - k, *SHAPE)
+    for bad in (-1, 8, 2.0, True):
+        with pytest.raises(ValueError, match=r"start_step must be an int in \[0, num_inference_steps=8\)"):
+            sample(model_fn, state, x_k, model_args=(w,), start_step=bad)
+
+
 def primitives(jaxpr) -> set[str]:
     """Names of the primitives in a (closed) jaxpr, nested jaxprs included."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
