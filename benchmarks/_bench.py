@@ -9,6 +9,7 @@ import platform
 import random
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,7 +132,8 @@ def diffusers_runner(shape: Sequence[int], steps: int, eta: float = 0.0) -> tupl
     try:
         import torch
         from diffusers import DDIMScheduler
-    except ImportError:
+    except Exception as e:  # missing, or broken against this torch: leave diffusers out, say why
+        print(f"[bench] diffusers left out: {type(e).__name__}: {e}", file=sys.stderr)
         return None
     if device is None:
         return None
