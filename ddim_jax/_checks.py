@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax._noise import key_batch_shape
 from ddim_jax._state import DDIMState
 
 
@@ -57,14 +58,9 @@ def check_key(key: Any, batch_shape: tuple[int, ...]) -> None:
     """
     if key is None:
         return
-    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        keys_shape = shape
-    elif dtype == jnp.uint32 and len(shape) in (1, 2):
-        keys_shape = shape[:-1]
-    else:
-        keys_shape = None
+    keys_shape = key_batch_shape(key)
     if keys_shape is None or len(keys_shape) > 1:
+        dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
         raise TypeError(
             "key must be a jax.random key, e.g. jax.random.key(0), or one key per example, e.g. "
             f"jax.random.split(key, batch); got {type(key).__name__} with dtype {dtype} and shape {shape}"

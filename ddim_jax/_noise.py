@@ -11,10 +11,21 @@ import jax
 import jax.numpy as jnp
 
 
+def key_batch_shape(key: object) -> tuple[int, ...] | None:
+    """The shape of an array of keys, key data aside: ``()`` for one key, ``(batch,)`` for one
+    per example; None for a non-key. Typed keys (``jax.random.key``) have that shape; legacy
+    uint32 ``PRNGKey`` data has one more axis, the key data."""
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return shape
+    if dtype == jnp.uint32 and len(shape) >= 1:
+        return shape[:-1]
+    return None
+
+
 def is_per_example(key: jax.Array) -> bool:
     """True for a batch of keys (typed ``(batch,)`` or legacy uint32 ``(batch, k)``)."""
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    return jnp.ndim(key) == (1 if typed else 2)
+    return len(key_batch_shape(key)) == 1
 
 
 def step_keys(key: jax.Array, num_steps: int) -> jax.Array:
