@@ -7,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import DDIMConfig, add_noise, create_state, get_velocity, set_timesteps, step
+from ddim_jax import (
+    DDIMConfig,
+    add_noise,
+    create_state,
+    get_velocity,
+    inverse_step,
+    scale_model_input,
+    set_timesteps,
+    step,
+)
 
 
 @pytest.mark.parametrize(
@@ -157,8 +166,16 @@ def test_timesteps_out_of_range(ready, t):
 
 def test_timestep_bad_shape_or_dtype(ready):
     state, x = ready
-    with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \(batch,\) = \(2,\)"):
+    with pytest.raises(ValueError, match=r"timestep must be a scalar, have shape \(batch,\) = \(2,\), or hold"):
         step(state, x, jnp.array([900, 800, 700]), x)
+    for bad in (jnp.array([[900, 800]]), jnp.zeros((2, 2), jnp.int32), jnp.zeros((0,), jnp.int32)):
+        for fn in (add_noise, get_velocity):
+            with pytest.raises(ValueError, match=r"timesteps must be a scalar, have shape \(batch,\)"):
+                fn(state, x, x, bad)
+        with pytest.raises(ValueError, match=r"timestep must be a scalar, have shape"):
+            scale_model_input(state, x, bad)
+        with pytest.raises(ValueError, match=r"timestep must be a scalar, have shape"):
+            inverse_step(state, x, bad, x)
     with pytest.raises(TypeError, match=r"timestep must hold integers, got dtype float32"):
         step(state, x, jnp.float32(900.0), x)
     with pytest.raises(TypeError, match=r"timesteps must hold integers"):
