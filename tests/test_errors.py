@@ -166,7 +166,9 @@ def test_timesteps_out_of_range(ready, t):
 
 def test_timestep_bad_shape_or_dtype(ready):
     state, x = ready
-    with pytest.raises(ValueError, match=r"timestep must be a scalar, have shape \(batch,\) = \(2,\), or hold"):
+    with pytest.raises(
+        ValueError, match=r"timestep must be a scalar, have shape \(batch,\) = \(2,\), or hold"
+    ):
         step(state, x, jnp.array([900, 800, 700]), x)
     for bad in (jnp.array([[900, 800]]), jnp.zeros((2, 2), jnp.int32), jnp.zeros((0,), jnp.int32)):
         for fn in (add_noise, get_velocity):
