@@ -189,3 +189,35 @@ def test_schedule_rule_rejects_timesteps_off_the_schedule():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match=r"timestep must be one of state.timesteps; got \[901\]"):
         step(state, x, 901, x)
+
+
+def _output_object(x):
+    """A stand-in for diffusers' FlaxUNet2DConditionOutput (an ordered dict with .sample)."""
+    from collections import OrderedDict
+
+    class FlaxUNet2DConditionOutput(OrderedDict):
+        @property
+        def sample(self):
+            return self["sample"]
+
+    return FlaxUNet2DConditionOutput(sample=x)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "match"),
+    [
+        (_output_object, r"got a FlaxUNet2DConditionOutput: return its .sample"),
+        (lambda x: (x,), r"got a tuple: .*\[0\]"),
+        (lambda x: {"sample": x}, r"got a dict: return the array itself, e.g. out\['sample'\]"),
+    ],
+)
+def test_model_fn_returning_an_output_object(wrap, match):
+    from ddim_jax import invert, sample
+
+    state = set_timesteps(create_state(DDIMConfig()), 2)
+    x = jnp.ones((2, 3))
+    for guidance_scale in (None, 7.5):
+        with pytest.raises(TypeError, match=r"model_fn must return an array, " + match):
+            sample(lambda x, t: wrap(0.1 * x), state, x, guidance_scale=guidance_scale)
+    with pytest.raises(TypeError, match=r"model_fn must return an array, " + match):
+        invert(lambda x, t: wrap(0.1 * x), state, x)
