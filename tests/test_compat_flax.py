@@ -3,8 +3,10 @@ API's loop patterns, and what the drop-in adds (options, eta noise from a key, c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -271,3 +273,15 @@ def test_from_a_torch_scheduler_config():
     for name, value in scheduler.config.items():
         if name != "prev_timestep_rule":
             assert torch_scheduler.config[name] == value, name
+
+
+def test_migration_example_loops_agree(capsys):
+    path = Path(__file__).resolve().parents[1] / "examples" / "migrate_from_diffusers_flax.py"
+    spec = importlib.util.spec_from_file_location("migrate_from_diffusers_flax", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    old, new = example.main(num_steps=3, latent_size=8, channels=(8,), text_shape=(3, 16), repeats=1)
+    assert old.shape == new.shape == (1, 4, 8, 8) and np.isfinite(old).all()
+    np.testing.assert_allclose(old, new, atol=1e-4)
+    out = capsys.readouterr().out
+    assert "the two loops agree" in out and out.count("first call") == 2
