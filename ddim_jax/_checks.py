@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -31,14 +32,28 @@ def check_same_shape(name: str, x: Any, ref_name: str, ref: Any) -> None:
         )
 
 
-def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample: Any) -> jax.Array:
-    """Checks a scalar or per-example ``(batch,)`` timestep; range-checks concrete values."""
+def check_timestep_shape(name: str, timesteps: Any, sample: Any) -> Any:
+    """Accepts a scalar, one timestep per example ``(batch,)``, or one element of any shape
+    (``(1,)``, ``(1, 1)``, ...), which broadcasts over the batch as in diffusers; returns the
+    timesteps as a scalar or ``(batch,)`` array-like."""
     if isinstance(timesteps, (list, tuple)):
         timesteps = np.asarray(timesteps)
     shape = jnp.shape(timesteps)
     batch = jnp.shape(sample)[:1]
-    if shape not in ((), batch):
-        raise ValueError(f"{name} must be a scalar or have shape (batch,) = {batch}, got shape {shape}")
+    if shape in ((), batch):
+        return timesteps
+    if math.prod(shape) == 1:
+        return jnp.reshape(timesteps, ())
+    raise ValueError(
+        f"{name} must be a scalar, have shape (batch,) = {batch}, or hold one element "
+        f"(e.g. shape (1,)), got shape {shape}"
+    )
+
+
+def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample: Any) -> jax.Array:
+    """Checks a scalar, per-example ``(batch,)`` or one-element timestep (see
+    `check_timestep_shape`); range-checks concrete values."""
+    timesteps = check_timestep_shape(name, timesteps, sample)
     if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
         raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(timesteps)}")
     if not is_traced(timesteps):

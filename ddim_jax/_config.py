@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -16,6 +17,35 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREV_TIMESTEP_RULES = ("diffusers", "schedule")
+CONFIG_FILE = "scheduler_config.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def find_config_file(path: str | os.PathLike[str], subfolder: str | None = None) -> str:
+    """The local ``scheduler_config.json`` that ``path`` names: the file itself, a scheduler
+    folder holding it, or a diffusers model folder holding ``scheduler/scheduler_config.json``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if subfolder is not None and not isinstance(subfolder, str):
+        raise TypeError(f"subfolder must be a str or None, got {type(subfolder).__name__}")
+    root = os.fspath(path)
+    full = os.path.join(root, subfolder) if subfolder else root
+    if os.path.isfile(full):
+        return full
+    if os.path.isdir(full):
+        for candidate in (os.path.join(full, CONFIG_FILE), os.path.join(full, "scheduler", CONFIG_FILE)):
+            if os.path.isfile(candidate):
+                return candidate
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {full!r} nor in {os.path.join(full, 'scheduler')!r}")
+    if not os.path.exists(root) and _HUB_ID.match(root):
+        folder = subfolder or "scheduler"
+        raise FileNotFoundError(
+            f"{root!r} is not a local file or folder. It looks like a Hugging Face Hub id, but "
+            f"ddim_jax reads local files only and downloads nothing. Fetch the config first, e.g. "
+            f"`huggingface-cli download {root} {folder}/{CONFIG_FILE} --local-dir DIR`, then "
+            f"pass DIR (or the file)."
+        )
+    raise FileNotFoundError(f"no such file or folder: {full!r}")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -176,6 +206,34 @@ class DDIMConfig:
                 f"scheduler config {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}"
             )
         return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], subfolder: str | None = None) -> DDIMConfig:
+        """Reads the scheduler config of a local diffusers model (nothing is downloaded).
+
+        Args:
+          path: a diffusers model folder (its ``scheduler/scheduler_config.json`` is read), a
+            scheduler folder holding ``scheduler_config.json``, or that file itself.
+          subfolder: a folder inside ``path`` to look in, as in diffusers
+            (``from_pretrained(model_dir, subfolder="scheduler")``).
+
+        Raises:
+          FileNotFoundError: nothing matches; for a string that looks like a Hub id
+            (``"org/model"``), the message says how to fetch the file.
+
+        Example:
+          >>> import tempfile, os
+          >>> from ddim_jax import DDIMConfig
+          >>> model_dir = tempfile.mkdtemp()
+          >>> os.mkdir(os.path.join(model_dir, "scheduler"))
+          >>> path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+          >>> DDIMConfig(steps_offset=1).to_json(path)
+          >>> DDIMConfig.from_pretrained(model_dir).steps_offset
+          1
+          >>> DDIMConfig.from_pretrained(model_dir, subfolder="scheduler").steps_offset
+          1
+        """
+        return cls.from_json(find_config_file(path, subfolder))
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the fields as a JSON-ready dict (``trained_betas`` as a list or None).

@@ -5,7 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_same_shape, check_timesteps, compute_dtype, per_example
+from ddim_jax._checks import (
+    check_same_shape,
+    check_timestep_shape,
+    check_timesteps,
+    compute_dtype,
+    per_example,
+)
 from ddim_jax._state import DDIMState
 
 __all__ = ["add_noise", "get_velocity", "scale_model_input"]
@@ -32,7 +38,8 @@ def add_noise(
       state: any state (timesteps need not be set).
       original_samples: x0, batch first.
       noise: standard normal noise, the shape of ``original_samples``.
-      timesteps: an int, or an int array of shape ``(batch,)``.
+      timesteps: an int, an int array of shape ``(batch,)``, or one holding one element
+        (shape ``(1,)``, ...), which broadcasts over the batch as in diffusers.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -71,10 +78,15 @@ def scale_model_input(
 ) -> jax.Array:
     """DDIM needs no input scaling: returns ``sample`` unchanged (for API parity with diffusers).
 
+    ``timestep`` is not used; when given, its shape is checked as `step` checks it (any
+    number type, as diffusers passes ``0.0`` here).
+
     Example:
       >>> import jax.numpy as jnp
       >>> from ddim_jax import DDIMConfig, create_state, scale_model_input
       >>> scale_model_input(create_state(DDIMConfig()), jnp.ones(2)).tolist()
       [1.0, 1.0]
     """
+    if timestep is not None:
+        check_timestep_shape("timestep", timestep, sample)
     return sample

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype
+from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype, is_traced
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
     ModelCall,
@@ -44,6 +44,16 @@ def _inverse_update(
     return ddim_update(config, coef, model_output, sample, noise=None, allow_thresholding=False)
 
 
+def _check_invertible(config: DDIMConfig, fn: str) -> None:
+    if config.prediction_type == "sample" and config.set_alpha_to_one:
+        raise ValueError(
+            f"{fn} with prediction_type='sample' needs set_alpha_to_one=False: the first inversion "
+            "step starts from alpha_cumprod = 1 (no noise), where the noise implied by an x0 "
+            "prediction, (x - sqrt(a) x0) / sqrt(1 - a), divides by zero (diffusers' "
+            "DDIMInverseScheduler returns inf or NaN there)"
+        )
+
+
 def _source_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
     """The noise level an inversion step to ``timesteps`` starts from (-1: the initial alpha)."""
     return jnp.minimum(prev_timestep(state, timesteps), state.config.num_train_timesteps - 1)
@@ -70,8 +80,11 @@ def inverse_step(
     check_ready(state, "inverse_step")
     check_same_shape("model_output", model_output, "sample", sample)
     t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
+    source = _source_timestep(state, t)
+    if not is_traced(source) and bool((source < 0).any()):
+        _check_invertible(state.config, "inverse_step from the schedule's first timestep")
     dtype = compute_dtype(model_output, sample)
-    alpha_t = alpha_at(state, _source_timestep(state, t)).astype(dtype)
+    alpha_t = alpha_at(state, source).astype(dtype)
     alpha_next = alpha_at(state, t).astype(dtype)
     coef = _inverse_coefficients(state.config, alpha_t, alpha_next).per_example(jnp.ndim(sample))
     return _inverse_update(state.config, coef, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype))
@@ -116,6 +129,7 @@ def invert(
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     config = state.config
+    _check_invertible(config, "invert")
     dtype = compute_dtype(x0)
     timesteps = state.timesteps[start:][::-1]
     # Every step's scalars are computed once, before the scan: a step is one elementwise pass.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddim_jax._checks import check_same_shape
 from ddim_jax._guidance import classifier_free_guidance
@@ -45,6 +46,23 @@ class Trajectory(NamedTuple):
 GUIDANCE_LAYOUTS = ("concat", "interleave")
 
 
+def check_model_output(out: Any) -> None:
+    """A model output must be an array: diffusers-style output objects, tuples and dicts get a
+    TypeError that says which element to return."""
+    if isinstance(out, (jax.Array, np.ndarray)) or (hasattr(out, "shape") and hasattr(out, "dtype")):
+        return
+    kind = type(out).__name__
+    if hasattr(out, "sample"):
+        fix = "return its .sample, e.g. `return unet.apply(...).sample`"
+    elif isinstance(out, Mapping):
+        fix = f"return the array itself, e.g. out[{next(iter(out), 'sample')!r}]"
+    elif isinstance(out, (tuple, list)):
+        fix = "return the array itself, e.g. `return unet.apply(..., return_dict=False)[0]`"
+    else:
+        fix = "return a jax array of the latents' shape"
+    raise TypeError(f"model_fn must return an array, got a {kind}: {fix}")
+
+
 class ModelCall(NamedTuple):
     """How a loop calls the model each step: arguments, guidance and dtype, validated once.
 
@@ -78,6 +96,7 @@ class ModelCall(NamedTuple):
         x_in = x if self.model_dtype is None else x.astype(self.model_dtype)
         if self.guidance_scale is None:
             out = self.model_fn(x_in, t, *self.model_args)
+            check_model_output(out)
             check_same_shape("model_fn output", out, "latents", x)
             return out.astype(x.dtype)
         batch = x.shape[0]
@@ -86,6 +105,7 @@ class ModelCall(NamedTuple):
         else:
             doubled = jnp.repeat(x_in, 2, axis=0)
         out = self.model_fn(doubled, t, *self.model_args)
+        check_model_output(out)
         if jnp.shape(out) != doubled.shape:
             order = "[uncond, cond]" if self.guidance_layout == "concat" else "[uncond_0, cond_0, ...]"
             raise ValueError(

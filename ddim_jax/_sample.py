@@ -107,13 +107,15 @@ def sample(
       (2, 4)
       >>> def model(x, t, w):  # parameters come in as arguments: traced, not baked in
       ...     return w * x
+      >>> traces = []
       >>> @jax.jit
       ... def run(w, x, key, eta):
+      ...     traces.append(w)  # Python code here runs only when jax traces (compiles) run
       ...     return sample(model, state, x, key=key, eta=eta, model_args=(w,))
       >>> run(0.1, x_T, jax.random.key(1), 0.5).shape
       (2, 4)
       >>> _ = run(0.2, x_T, jax.random.key(2), 0.0)  # new values, same compiled program
-      >>> run._cache_size()
+      >>> len(traces)
       1
     """
     check_ready(state, "sample")

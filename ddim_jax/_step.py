@@ -205,8 +205,9 @@ def step(
       state: a state after `set_timesteps`.
       model_output: the model's prediction (epsilon, x0 or v per ``prediction_type``),
         the shape of ``sample``; any float dtype.
-      timestep: the current timestep: a Python int, a traced int scalar, or an int array
-        of shape ``(batch,)`` giving each example its own timestep.
+      timestep: the current timestep: a Python int, a traced int scalar, an int array
+        of shape ``(batch,)`` giving each example its own timestep, or an array holding one
+        element (shape ``(1,)``, ...), which broadcasts over the batch as in diffusers.
       sample: the current noisy sample x_t, batch first.
       eta: DDIM's eta (0 deterministic, 1 DDPM-like); a float or a traced scalar.
       key: a ``jax.random`` key for the eta noise, or one key per example (shape ``(batch,)``,

@@ -142,3 +142,33 @@ def test_diffusers_reads_our_json_and_we_read_theirs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DDIMConfig.from_json(theirs / "scheduler_config.json") == ours
+
+
+def test_from_pretrained_model_folder_scheduler_folder_or_file(tmp_path):
+    """diffusers' layout: model/scheduler/scheduler_config.json, found from any of the three."""
+    scheduler_dir = tmp_path / "model" / "scheduler"
+    scheduler_dir.mkdir(parents=True)
+    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(SD_PNDM_CONFIG))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the PNDM keys, tested above
+        found = [
+            DDIMConfig.from_pretrained(tmp_path / "model"),
+            DDIMConfig.from_pretrained(tmp_path / "model", subfolder="scheduler"),
+            DDIMConfig.from_pretrained(str(scheduler_dir)),
+            DDIMConfig.from_pretrained(scheduler_dir / "scheduler_config.json"),
+        ]
+    assert all(c == found[0] for c in found) and found[0].steps_offset == 1
+
+
+def test_from_pretrained_downloads_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so that the hub id is not a local folder by accident
+    with pytest.raises(FileNotFoundError, match=r"'stabilityai/sd-turbo' is not a local .*downloads nothing"):
+        DDIMConfig.from_pretrained("stabilityai/sd-turbo", subfolder="scheduler")
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download stabilityai/sd-turbo scheduler/"):
+        DDIMConfig.from_pretrained("stabilityai/sd-turbo")
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder: .*missing"):
+        DDIMConfig.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"no scheduler_config.json in"):
+        DDIMConfig.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        DDIMConfig.from_pretrained(3)

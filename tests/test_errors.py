@@ -7,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import DDIMConfig, add_noise, create_state, get_velocity, set_timesteps, step
+from ddim_jax import (
+    DDIMConfig,
+    add_noise,
+    create_state,
+    get_velocity,
+    inverse_step,
+    scale_model_input,
+    set_timesteps,
+    step,
+)
 
 
 @pytest.mark.parametrize(
@@ -157,8 +166,18 @@ def test_timesteps_out_of_range(ready, t):
 
 def test_timestep_bad_shape_or_dtype(ready):
     state, x = ready
-    with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \(batch,\) = \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"timestep must be a scalar, have shape \(batch,\) = \(2,\), or hold"
+    ):
         step(state, x, jnp.array([900, 800, 700]), x)
+    for bad in (jnp.array([[900, 800]]), jnp.zeros((2, 2), jnp.int32), jnp.zeros((0,), jnp.int32)):
+        for fn in (add_noise, get_velocity):
+            with pytest.raises(ValueError, match=r"timesteps must be a scalar, have shape \(batch,\)"):
+                fn(state, x, x, bad)
+        with pytest.raises(ValueError, match=r"timestep must be a scalar, have shape"):
+            scale_model_input(state, x, bad)
+        with pytest.raises(ValueError, match=r"timestep must be a scalar, have shape"):
+            inverse_step(state, x, bad, x)
     with pytest.raises(TypeError, match=r"timestep must hold integers, got dtype float32"):
         step(state, x, jnp.float32(900.0), x)
     with pytest.raises(TypeError, match=r"timesteps must hold integers"):
@@ -170,3 +189,35 @@ def test_schedule_rule_rejects_timesteps_off_the_schedule():
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match=r"timestep must be one of state.timesteps; got \[901\]"):
         step(state, x, 901, x)
+
+
+def _output_object(x):
+    """A stand-in for diffusers' FlaxUNet2DConditionOutput (an ordered dict with .sample)."""
+    from collections import OrderedDict
+
+    class FlaxUNet2DConditionOutput(OrderedDict):
+        @property
+        def sample(self):
+            return self["sample"]
+
+    return FlaxUNet2DConditionOutput(sample=x)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "match"),
+    [
+        (_output_object, r"got a FlaxUNet2DConditionOutput: return its .sample"),
+        (lambda x: (x,), r"got a tuple: .*\[0\]"),
+        (lambda x: {"sample": x}, r"got a dict: return the array itself, e.g. out\['sample'\]"),
+    ],
+)
+def test_model_fn_returning_an_output_object(wrap, match):
+    from ddim_jax import invert, sample
+
+    state = set_timesteps(create_state(DDIMConfig()), 2)
+    x = jnp.ones((2, 3))
+    for guidance_scale in (None, 7.5):
+        with pytest.raises(TypeError, match=r"model_fn must return an array, " + match):
+            sample(lambda x, t: wrap(0.1 * x), state, x, guidance_scale=guidance_scale)
+    with pytest.raises(TypeError, match=r"model_fn must return an array, " + match):
+        invert(lambda x, t: wrap(0.1 * x), state, x)
