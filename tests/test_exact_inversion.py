@@ -75,7 +75,7 @@ ZERO_SNR_V = (
 
 # Measured max relative errors (jax 0.10.2 CPU):
 #   default config:   DDIM 0.27 / 0.062, EDICT 1.1e-4 / 3.2e-6, BDIA 2.3e-7 / 3.6e-7 at S = 10 / 50;
-#   zero-SNR v-pred:  DDIM 0.34 / 0.082, EDICT 6.9e-7 / 2.2e-6, BDIA 5.4e-7 / 5.4e-7.
+#   zero-SNR v-pred:  DDIM 0.34 / 0.082, EDICT 4.6e-7 / 2.1e-6, BDIA 3.0e-7 / 5.4e-7.
 # EDICT's error is float32 round-off amplified by the coupled map (float64: 2e-13), largest where
 # the epsilon model's DDIM factor sqrt(a_prev / a_t) is large (few steps from t near T).
 @pytest.mark.parametrize(
