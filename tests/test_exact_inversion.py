@@ -356,3 +356,14 @@ def test_bad_inputs():
         bdia_sample(model, state, jnp.ones((2, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"model_fn output has shape \(3,\)"):
         edict_invert(lambda x, t: jnp.zeros(3), state, x)
+
+
+def test_demo_inversion_part_rejects_clip_sample(capsys):
+    """``ddim-jax demo --part inversion`` refuses --clip-sample before training anything."""
+    pytest.importorskip("flax")
+    from ddim_jax.demo import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--part", "inversion", "--clip-sample", "--no-cache", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "--clip-sample cannot be used with --part inversion" in capsys.readouterr().err

@@ -110,6 +110,10 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--num-samples must be >= 2 (a covariance needs two samples), got {args.num_samples}"
         )
     positive("num-recon", args.num_recon)
+    if args.part == "inversion" and args.clip_sample:
+        raise ValueError(
+            "--clip-sample cannot be used with --part inversion: exact inversion cannot undo clipping"
+        )
     for name in ("steps", "recon_steps", "inversion_steps"):
         for s in getattr(args, name):
             if not 1 <= s <= 1000:

@@ -166,7 +166,7 @@ def run_inversion_part(
       >>> from ddim_jax.demo.data import load_digits_split
       >>> from ddim_jax.demo.train import TrainSettings
       >>> s, untrained = TrainSettings(channels=(4,)), Sampler.untrained()
-      >>> args = argparse.Namespace(clip_sample=False, num_recon=2, inversion_steps=(2,))
+      >>> args = argparse.Namespace(num_recon=2, inversion_steps=(2,))
       >>> with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
       ...     results = run_inversion_part(args, untrained.model, untrained.params, s, load_digits_split(),
       ...                                  Path(d), cached=False, train_time=0.0, start=0.0)
@@ -178,10 +178,6 @@ def run_inversion_part(
 
     from ddim_jax.demo.png import image_grid, write_png
 
-    if args.clip_sample:
-        raise ValueError(
-            "--clip-sample cannot be used with --part inversion: exact inversion cannot undo clipping"
-        )
     sampler = Sampler(model, params, settings.scheduler_config(False))
     x0 = digits.x_test[: min(args.num_recon, len(digits.x_test))]
     t0 = time.perf_counter()
