@@ -86,9 +86,9 @@ def _steps(config: DDIMConfig, t: jax.Array, source: Alphas, to: Alphas, far: Al
     return _Step(t, coef(to), coef(far), g)
 
 
-def _first_gets(g: jax.Array, weight: jax.Array, first: jax.Array | float) -> jax.Array:
-    """``weight`` at every iteration but the first, which gets ``first``."""
-    return jnp.full(g.shape, weight, g.dtype).at[0].set(first)
+def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array:
+    """The per-iteration weight g: ``weight`` at every iteration but the first, which gets ``first``."""
+    return jnp.full((num,), weight, dtype).at[0].set(first)
 
 
 def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
@@ -186,7 +186,7 @@ def bdia_sample(
         jnp.concatenate([timesteps[:1], timesteps[:-1]]) if start == 0 else state.timesteps[start - 1 : -1]
     )
     gamma = jnp.asarray(gamma, dtype)
-    g = _first_gets(jnp.zeros(timesteps.shape, dtype), gamma, 0.0)
+    g = _weights(timesteps.shape[0], gamma, 0.0, dtype)
     alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
     steps = _steps(
         config, timesteps, alpha(timesteps), alpha(state.prev_timesteps[start:]), alpha(far_steps), g
@@ -261,7 +261,7 @@ def bdia_invert(
     to = jnp.concatenate([timesteps[:1], state.timesteps[ks[:-1] - 1]])
     far = jnp.concatenate([state.prev_timesteps[-1:], state.prev_timesteps[ks[:-1]]])
     alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    g = _first_gets(ks.astype(dtype), 1 / jnp.asarray(gamma, dtype), 0.0)
+    g = _weights(ks.shape[0], 1 / jnp.asarray(gamma, dtype), 0.0, dtype)
     steps = _steps(config, timesteps, alpha(source), alpha(to), alpha(far), g)
     x0 = jnp.asarray(x0, dtype)
     final, trajectory = _run(
