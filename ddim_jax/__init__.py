@@ -9,7 +9,9 @@ Example:
   (1, 4, 8, 8)
 """
 
+from ddim_jax._bdia import BDIALatents, bdia_invert, bdia_sample
 from ddim_jax._config import DDIMConfig
+from ddim_jax._edict import EDICTLatents, edict_invert, edict_sample
 from ddim_jax._forward import add_noise, get_velocity, scale_model_input
 from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._interpolation import slerp
@@ -22,15 +24,21 @@ from ddim_jax._step import MIN_ALPHA_CUMPROD, StepOutput, step
 __version__ = "0.1.0"
 
 __all__ = [
+    "BDIALatents",
     "MIN_ALPHA_CUMPROD",
     "DDIMConfig",
     "DDIMState",
+    "EDICTLatents",
     "StepOutput",
     "Trajectory",
     "add_noise",
+    "bdia_invert",
+    "bdia_sample",
     "betas_for_config",
     "classifier_free_guidance",
     "create_state",
+    "edict_invert",
+    "edict_sample",
     "get_velocity",
     "inverse_step",
     "invert",

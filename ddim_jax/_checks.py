@@ -116,3 +116,35 @@ def compute_dtype(*arrays: Any) -> jnp.dtype:
 def per_example(values: jax.Array, ndim: int) -> jax.Array:
     """Reshapes scalar or ``(batch,)`` values to broadcast against an ``ndim`` array."""
     return values if jnp.ndim(values) == 0 else values.reshape(values.shape + (1,) * (ndim - 1))
+
+
+def check_invertible_config(config: Any, fn: str) -> None:
+    """Exact inversion undoes each step algebraically, which clipping or thresholding x0 prevents."""
+    if config.clip_sample or config.thresholding:
+        raise ValueError(
+            f"{fn} needs a config with clip_sample=False and thresholding=False (clipping x0 cannot "
+            f"be undone exactly), got clip_sample={config.clip_sample}, thresholding={config.thresholding}"
+        )
+
+
+def check_fraction(name: str, value: Any, *, allow_zero: bool) -> None:
+    """A scalar in (0, 1] (or [0, 1]); a traced value is checked for shape only."""
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    if is_traced(value):
+        return
+    low = 0.0 if allow_zero else np.nextafter(0.0, 1.0)
+    number = float(value)
+    if not low <= number <= 1.0:
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {number}")
+
+
+def latent_pair(latents: Any, names: tuple[str, str]) -> tuple[Any, Any] | None:
+    """The two arrays of a coupled-latents pair (any 2-sequence), or None for a single array."""
+    if not isinstance(latents, (tuple, list)):
+        return None
+    if len(latents) != 2:
+        raise ValueError(f"latents must be one array or a pair {names}, got a sequence of {len(latents)}")
+    check_same_shape(f"latents.{names[1]}", latents[1], f"latents.{names[0]}", latents[0])
+    return latents[0], latents[1]

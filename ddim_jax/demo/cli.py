@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="clip predicted x0 to [-1, 1] at every step (diffusers' default; off here, see README)",
     )
+    demo.add_argument(
+        "--part",
+        choices=("tables", "inversion"),
+        default="tables",
+        help="tables: the paper's Tables 1 and 2; inversion: DDIM inversion against the exact EDICT "
+        "and BDIA round trips on --num-recon held-out digits at --inversion-steps (about a minute)",
+    )
+    demo.add_argument(
+        "--inversion-steps", type=_int_list, default=(10, 20, 50), help="step counts S of --part inversion"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -100,7 +110,11 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--num-samples must be >= 2 (a covariance needs two samples), got {args.num_samples}"
         )
     positive("num-recon", args.num_recon)
-    for name in ("steps", "recon_steps"):
+    if args.part == "inversion" and args.clip_sample:
+        raise ValueError(
+            "--clip-sample cannot be used with --part inversion: exact inversion cannot undo clipping"
+        )
+    for name in ("steps", "recon_steps", "inversion_steps"):
         for s in getattr(args, name):
             if not 1 <= s <= 1000:
                 raise ValueError(f"--{name.replace('_', '-')} values must be in [1, 1000], got {s}")
@@ -157,6 +171,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     train_time = time.perf_counter() - start
     print(f"denoiser: {'loaded from cache' if cached else 'trained'} in {train_time:.1f} s", file=sys.stderr)
+    if args.part == "inversion":
+        from ddim_jax.demo.inversion import run_inversion_part
+
+        model = make_model(settings)
+        return run_inversion_part(
+            args, model, params, settings, digits, out, cached=cached, train_time=train_time, start=start
+        )
     features = default_feature_net(0)  # a fixed metric, comparable across --seed values
 
     n_recon = min(args.num_recon, len(digits.x_test))
