@@ -1,0 +1,108 @@
+"""Multi-process JAX on one machine: the multi-host path, and what happens when a process dies.
+
+Each test launches worker processes (``multiprocess_worker.py``), each with 2 CPU devices,
+joined by ``jax.distributed`` through a coordinator on 127.0.0.1 and gloo collectives. They
+run every loop of ``multiprocess_worker.LOOPS`` on the global mesh; the gathered results must
+equal this process's single-device run of the same loops bit for bit. Processes are always
+killed at the end of a test, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import multiprocess_worker as worker
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    sys.platform not in ("linux", "darwin"),
+    reason="jaxlib has gloo CPU collectives (cross-process computations on CPU) on Linux and macOS only",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEADLINE_S = 120  # a hung run fails here; a healthy one takes ~10-20 s on a busy 2-core machine
+HEARTBEAT_S = 5  # the fault test's jax.distributed heartbeat timeout (JAX's default: 100 s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def workers(num_processes: int, out: Path, *args: str):
+    """Starts ``num_processes`` workers (output in ``out/log<i>.txt``); kills any left at exit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    port = free_port()
+    procs = []
+    try:
+        for i in range(num_processes):
+            command = [sys.executable, str(Path(worker.__file__)), "--coordinator", f"127.0.0.1:{port}"]
+            command += ["--num-processes", str(num_processes), "--process-id", str(i), "--out", str(out)]
+            with open(out / f"log{i}.txt", "w") as log:
+                procs.append(
+                    subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+                )
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+
+
+def logs(out: Path, num_processes: int) -> str:
+    return "\n".join(
+        f"--- process {i}:\n{(out / f'log{i}.txt').read_text()[-3000:]}" for i in range(num_processes)
+    )
+
+
+def wait_for_exit(procs: list[subprocess.Popen], deadline: float) -> dict[int, float]:
+    """Waits until every process has exited or ``deadline`` (``time.monotonic()``) passes; returns
+    each exited process's exit time."""
+    ended = {}
+    while len(ended) < len(procs) and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if i not in ended and p.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.02)
+    return ended
+
+
+@pytest.fixture(scope="module")
+def single_process_results():
+    """Every `LOOPS` entry run here, in one process on one device, from the same global inputs."""
+    state = worker.ddim_state()
+    inputs = worker.Inputs(
+        **{k: jax.device_put(v, jax.devices()[0]) for k, v in worker.global_inputs().items()}
+    )
+    return {
+        name: np.asarray(worker.compile_loop(name, state, inputs)(state, inputs)) for name in worker.LOOPS
+    }
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_processes_sample_and_invert_like_one_process(num_processes, tmp_path, single_process_results):
+    start = time.monotonic()
+    with workers(num_processes, tmp_path) as procs:
+        ended = wait_for_exit(procs, start + DEADLINE_S)
+        assert len(ended) == num_processes, f"hung past {DEADLINE_S} s\n{logs(tmp_path, num_processes)}"
+        codes = [p.returncode for p in procs]
+    assert codes == [0] * num_processes, f"exit codes {codes}\n{logs(tmp_path, num_processes)}"
+    print(f"{num_processes} processes: {time.monotonic() - start:.1f} s")
+    results = np.load(tmp_path / "results.npz")
+    assert sorted(results.files) == sorted(worker.LOOPS)
+    for name, expected in single_process_results.items():
+        assert results[name].shape == expected.shape
+        np.testing.assert_array_equal(results[name], expected, err_msg=name)
