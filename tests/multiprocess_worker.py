@@ -165,9 +165,9 @@ def main(argv: list[str]) -> None:
                 raise SystemExit(f"{name}: output sharded as {out.sharding}, not like the batch")
             results[name] = multihost_utils.process_allgather(out, tiled=True)
         done += 1
-        print(
-            f"process {args.process_id}: round {done} done, {time.perf_counter() - start:.1f} s", flush=True
-        )
+        if done in (1, args.rounds):
+            elapsed = time.perf_counter() - start
+            print(f"process {args.process_id}: round {done} done, {elapsed:.1f} s", flush=True)
     if args.process_id == 0:
         np.savez(args.out / "results.npz", **results)
     jax.distributed.shutdown()

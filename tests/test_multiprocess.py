@@ -106,3 +106,41 @@ def test_processes_sample_and_invert_like_one_process(num_processes, tmp_path, s
     for name, expected in single_process_results.items():
         assert results[name].shape == expected.shape
         np.testing.assert_array_equal(results[name], expected, err_msg=name)
+
+
+def wait_for_output(out: Path, num_processes: int, text: str, deadline: float) -> bool:
+    """Waits until every process's log holds ``text``; False if ``deadline`` passes first."""
+    while time.monotonic() < deadline:
+        if all(text in (out / f"log{i}.txt").read_text() for i in range(num_processes)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("num_processes", "victim"), [(3, 1), (2, 0)], ids=["worker_dies", "coordinator_dies"]
+)
+def test_a_dead_process_ends_the_others_with_an_error(num_processes, victim, tmp_path):
+    """SIGKILL one process mid-run, while all of them repeat a loop and a cross-process gather:
+    the others must exit with an error within a bounded time instead of hanging.
+
+    JAX's coordination service finds a dead process by its missing heartbeats
+    (``heartbeat_timeout_seconds``, here 5 s) and ends every other process; when the dead one
+    is process 0, which runs the service, the others lose their connection to it and end."""
+    args = ["--rounds", "0", "--heartbeat-timeout", str(HEARTBEAT_S), "--loops", "invert_guided"]
+    with workers(num_processes, tmp_path, *args) as procs:
+        running = wait_for_output(tmp_path, num_processes, "round 1 done", time.monotonic() + DEADLINE_S)
+        assert running, f"not all processes got to run\n{logs(tmp_path, num_processes)}"
+        procs[victim].kill()
+        killed = time.monotonic()
+        survivors = [p for i, p in enumerate(procs) if i != victim]
+        ended = wait_for_exit(survivors, killed + HEARTBEAT_S + 30)
+    assert len(ended) == len(survivors), f"hung after process {victim} died\n{logs(tmp_path, num_processes)}"
+    time_to_error = max(ended.values()) - killed
+    print(f"process {victim} of {num_processes} killed: the others ended after {time_to_error:.1f} s")
+    assert all(p.returncode != 0 for p in survivors), [p.returncode for p in procs]
+    for i in range(num_processes):
+        if i != victim:
+            log = (tmp_path / f"log{i}.txt").read_text()
+            assert "JAX distributed service detected fatal errors" in log, logs(tmp_path, num_processes)
+    assert time_to_error < HEARTBEAT_S + 20
