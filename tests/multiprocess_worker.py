@@ -9,7 +9,8 @@ gathered results to ``<out>/results.npz``; the test compares them with a single-
 of the same `LOOPS` entries, which it imports from here.
 
 Adding a loop to the test is one entry in `LOOPS`: a name and a function
-``(state, inputs) -> samples`` (batch first, sharded like ``inputs.x``), for example
+``(state, inputs) -> output``, an array or a pytree of arrays that are batch first and sharded
+like ``inputs.x`` (e.g. a pair of latents), for example
 ``"invert_plain": lambda s, d: invert(model_fn, s, d.x, model_args=(d.w, d.cond))``.
 
 With ``--rounds 0`` the processes repeat the loops and the gather until an error ends them:
@@ -19,6 +20,7 @@ the fault test kills one process and times how long the others take to fail.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +88,11 @@ def compile_loop(name: str, state: DDIMState, inputs: Inputs) -> Callable[[DDIMS
     return jax.jit(LOOPS[name]).lower(state, inputs).compile(COMPILER_OPTIONS)
 
 
+def output_arrays(name: str, output) -> dict[str, jax.Array]:
+    """A loop's output arrays by name: ``"<loop>.<i>"`` for the i-th leaf of its output pytree."""
+    return {f"{name}.{i}": leaf for i, leaf in enumerate(jax.tree.leaves(output))}
+
+
 def global_inputs() -> dict[str, np.ndarray]:
     """The whole batch as host arrays, the same in every process (seeded numpy: no JAX compute)."""
     rng = np.random.default_rng(0)
@@ -138,8 +145,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    # Before JAX initialises its backend: this process's CPU devices, and gloo for the
-    # cross-process collectives on CPU (the gather below needs them).
+    # JAX ends the processes that outlive a dead one with SIGABRT: no core dumps for that.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Before JAX initialises its backend: this process's CPU devices (also on a machine with
+    # GPUs), and gloo for the cross-process collectives on CPU (the gather below needs them).
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -160,10 +170,10 @@ def main(argv: list[str]) -> None:
     while args.rounds == 0 or done < args.rounds:
         results = {}
         for name, loop in loops.items():
-            out = loop(state, inputs)
-            if not out.sharding.is_equivalent_to(inputs.x.sharding, out.ndim):
-                raise SystemExit(f"{name}: output sharded as {out.sharding}, not like the batch")
-            results[name] = multihost_utils.process_allgather(out, tiled=True)
+            for key, out in output_arrays(name, loop(state, inputs)).items():
+                if not out.sharding.is_equivalent_to(inputs.x.sharding, out.ndim):
+                    raise SystemExit(f"{key}: output sharded as {out.sharding}, not like the batch")
+                results[key] = multihost_utils.process_allgather(out, tiled=True)
         done += 1
         if done in (1, args.rounds):
             elapsed = time.perf_counter() - start
