@@ -114,6 +114,11 @@ def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
     return slice(min(r.start for r in rows), max(r.stop for r in rows))
 
 
+def batch_mesh(devices: list[jax.Device]) -> jax.sharding.Mesh:
+    """The one-axis ``"data"`` mesh the loops run on (global devices in a worker)."""
+    return jax.make_mesh((len(devices),), ("data",), devices=devices)
+
+
 def assemble(mesh: jax.sharding.Mesh) -> Inputs:
     """Every global input, from this process's part of it: its rows, or all of a replicated value."""
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -162,8 +167,7 @@ def main(argv: list[str]) -> None:
     )
     if jax.device_count() != args.num_processes * args.devices:
         raise SystemExit(f"expected {args.num_processes} x {args.devices} devices, got {jax.devices()}")
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    inputs = assemble(mesh)
+    inputs = assemble(batch_mesh(jax.devices()))
     state = ddim_state()
     loops = {name: compile_loop(name, state, inputs) for name in args.loops}
     done = 0

@@ -96,9 +96,7 @@ def single_process_results(num_devices: int) -> dict[str, np.ndarray]:
         arrays = {k: jax.device_put(v, jax.devices()[0]) for k, v in worker.global_inputs().items()}
         inputs = worker.Inputs(**arrays)
     else:
-        inputs = worker.assemble(
-            jax.make_mesh((num_devices,), ("data",), devices=jax.devices()[:num_devices])
-        )
+        inputs = worker.assemble(worker.batch_mesh(jax.devices()[:num_devices]))
     results = {}
     for name in worker.LOOPS:
         output = worker.compile_loop(name, state, inputs)(state, inputs)
