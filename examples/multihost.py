@@ -33,18 +33,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-import ddim_jax
-
-NUM_CLASSES = 10  # class labels 1..10; label 0 is the unconditional ("null") class
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -111,6 +99,23 @@ def launch_local(args: argparse.Namespace, argv: list[str]) -> int:
             p.wait()
 
 
+args = parse_args(sys.argv[1:])
+if args.local:  # the launcher needs no JAX: start the processes and wait for them
+    sys.exit(launch_local(args, sys.argv[1:]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import ddim_jax  # noqa: E402
+
+NUM_CLASSES = 10  # class labels 1..10; label 0 is the unconditional ("null") class
+
+
 class ConditionalDenoiser(nn.Module):
     """A small class-conditional conv net predicting epsilon from (x_t, t, label); untrained."""
 
@@ -159,10 +164,7 @@ def initialize(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    if args.local:
-        return launch_local(args, argv)
+def main() -> int:
     initialize(args)
     me, devices = jax.process_index(), jax.devices()
     if args.batch % len(devices):
@@ -239,4 +241,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
