@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ def ddim_state() -> DDIMState:
 GUIDED = {"guidance_scale": 3.0, "guidance_rescale": 0.7, "guidance_layout": "interleave"}
 
 # name -> loop(state, inputs): what every process runs on the global arrays, under jax.jit.
-LOOPS: dict[str, Callable[[DDIMState, Inputs], jax.Array]] = {
+LOOPS: dict[str, Callable[[DDIMState, Inputs], Any]] = {
     "sample_guided_eta_keys": lambda s, d: sample(
         model_fn, s, d.x, key=d.keys, eta=0.5, model_args=(d.w, d.pairs), **GUIDED
     ),
@@ -83,12 +83,12 @@ LOOPS: dict[str, Callable[[DDIMState, Inputs], jax.Array]] = {
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def compile_loop(name: str, state: DDIMState, inputs: Inputs) -> Callable[[DDIMState, Inputs], jax.Array]:
+def compile_loop(name: str, state: DDIMState, inputs: Inputs) -> Callable[[DDIMState, Inputs], Any]:
     """`LOOPS` entry ``name`` compiled for these (global or single-device) arguments."""
     return jax.jit(LOOPS[name]).lower(state, inputs).compile(COMPILER_OPTIONS)
 
 
-def output_arrays(name: str, output) -> dict[str, jax.Array]:
+def output_arrays(name: str, output: Any) -> dict[str, jax.Array]:
     """A loop's output arrays by name: ``"<loop>.<i>"`` for the i-th leaf of its output pytree."""
     return {f"{name}.{i}": leaf for i, leaf in enumerate(jax.tree.leaves(output))}
 
