@@ -34,7 +34,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddim_jax import DDIMConfig, DDIMState, create_state, invert, sample, set_timesteps
+from ddim_jax import (
+    DDIMConfig,
+    DDIMState,
+    bdia_invert,
+    create_state,
+    edict_invert,
+    invert,
+    sample,
+    set_timesteps,
+)
 
 BATCH = 24  # global batch; divisible by every device count the tests use (4, 6, 8)
 LATENT = (4, 6)
@@ -74,6 +83,8 @@ LOOPS: dict[str, Callable[[DDIMState, Inputs], Any]] = {
     ),
     "sample_eta_one_key": lambda s, d: sample(model_fn, s, d.x, key=d.key, eta=1.0, model_args=(d.w, d.cond)),
     "invert_guided": lambda s, d: invert(model_fn, s, d.x, model_args=(d.w, d.pairs), **GUIDED),
+    "edict_invert_guided": lambda s, d: edict_invert(model_fn, s, d.x, model_args=(d.w, d.pairs), **GUIDED),
+    "bdia_invert_guided": lambda s, d: bdia_invert(model_fn, s, d.x, model_args=(d.w, d.pairs), **GUIDED),
 }
 
 
