@@ -15,6 +15,7 @@ from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._interpolation import slerp
 from ddim_jax._inversion import inverse_step, invert
 from ddim_jax._loop import Trajectory
+from ddim_jax._parallel import ParallelResult, parallel_sample
 from ddim_jax._sample import sample
 from ddim_jax._state import DDIMState, betas_for_config, create_state, set_timesteps
 from ddim_jax._step import MIN_ALPHA_CUMPROD, StepOutput, step
@@ -25,6 +26,7 @@ __all__ = [
     "MIN_ALPHA_CUMPROD",
     "DDIMConfig",
     "DDIMState",
+    "ParallelResult",
     "StepOutput",
     "Trajectory",
     "add_noise",
@@ -34,6 +36,7 @@ __all__ = [
     "get_velocity",
     "inverse_step",
     "invert",
+    "parallel_sample",
     "rescale_noise_cfg",
     "sample",
     "scale_model_input",
