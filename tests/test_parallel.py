@@ -240,3 +240,39 @@ def test_bad_inputs():
         parallel_sample(model_fn, state, x, start_step=4, model_args=(1.0,))
     with pytest.raises(ValueError, match=r"model_fn output has shape \(3,\)"):
         parallel_sample(lambda x, t: jnp.zeros(3), state, x)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_matches_diffusers_parallel_scheduler_steps(set_alpha_to_one):
+    """A sequential loop of diffusers' ``DDIMParallelScheduler.batch_step_no_noise`` (each step one
+    batch of per-example timesteps) is `parallel_sample`'s fixed point. Where diffusers hard-codes
+    ``alpha_prev = 1.0`` for the last step (diffusers #14216) ddim_jax uses ``final_alpha_cumprod``,
+    as ``DDIMScheduler.step`` does: with ``set_alpha_to_one=False`` it matches the scheduler's
+    ``step`` loop instead."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMParallelScheduler
+
+    config = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+        set_alpha_to_one=set_alpha_to_one,
+    )
+    steps = 10
+    scheduler = DDIMParallelScheduler(**config)
+    scheduler.set_timesteps(steps)
+    x_T = np.array(latents(), np.float32)  # a writable copy for torch
+    x_batch, x_step = torch.from_numpy(x_T), torch.from_numpy(x_T)
+    for t in scheduler.timesteps:
+        out = torch.tanh(0.7 * x_batch) + 1e-3 * t
+        x_batch = scheduler.batch_step_no_noise(out, t.repeat(SHAPE[0]), x_batch)
+        x_step = scheduler.step(torch.tanh(0.7 * x_step) + 1e-3 * t, t, x_step).prev_sample
+    state = make_state(steps, **config)
+    ours = parallel_sample(
+        model_fn, state, jnp.asarray(x_T), window=4, tolerance=0.0, model_args=(0.7,)
+    ).sample
+    reference = x_batch if set_alpha_to_one else x_step
+    assert max_rel_err(ours, jnp.asarray(reference.numpy())) < 1e-5
