@@ -126,7 +126,8 @@ def parallel_sample(
     distance to it for fewer rounds. The whole refinement is one ``lax.while_loop``.
 
     It pays where one model call on ``window`` times the batch takes about as long as a call on
-    the batch (an idle accelerator, small batches, many steps); on a busy CPU it is slower.
+    the batch (an idle accelerator, small batches, many steps); on a CPU, where a call costs
+    about ``window`` times more, it seldom does (benchmarks/RESULTS.md).
 
     Args:
       model_fn: as for `sample`: ``model_fn(x, t, *model_args)`` with ``t`` an int32 scalar
@@ -142,8 +143,8 @@ def parallel_sample(
       use_clipped_model_output, model_dtype, start_step: as for `sample` (step i's noise
         comes from ``jax.random.split(key, S)[i]``, per example for a batch of keys).
       window_sharding: a sharding for the ``(window, *latents.shape)`` model inputs and
-        samples, e.g. ``NamedSharding(mesh, P("window"))``: each device then evaluates the
-        model on its share of the window (call inside ``jax.jit``).
+        samples, e.g. ``NamedSharding(mesh, P("window"))`` on a mesh with ``Auto`` axes: each
+        device then evaluates the model on its share of the window (call inside ``jax.jit``).
 
     Returns:
       A `ParallelResult` ``(sample, iterations, converged, residuals)``.
