@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -24,7 +25,7 @@ import _bench as B
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 # most important first: a run cut short still has the headline numbers
-SUITES = ("scheduler_loop", "eta_noise", "compile_time", "memory", "unet_e2e")
+SUITES = ("scheduler_loop", "eta_noise", "compile_time", "memory", "unet_e2e", "parallel_sampling")
 
 
 def merge(src: str, dst: str) -> None:
@@ -118,11 +119,36 @@ def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
                 verdict(ratio <= 1.1, f"max/min {ratio:.2f}"),
             ]
         )
+    rounds = {k: v for k, v in summary.get("parallel_rounds", {}).items() if k.startswith("S=100,")}
+    if rounds:
+        deltas = summary.get("parallel_fcd_delta", {})
+        ok = [k for k, v in rounds.items() if v <= 1 / 3 and abs(deltas.get(k, math.inf)) <= 1]
+        rows.append(
+            [
+                "parallel_sample: rounds / S at S = 100, FCD - sample's in noise stds",
+                "<= 1/3, |delta| <= 1",
+                "; ".join(
+                    f"{k.split(', ')[1]}: {v:.2f} ({deltas.get(k, math.nan):+.1f})" for k, v in rounds.items()
+                ),
+                verdict(bool(ok), "no tolerance meets both"),
+            ]
+        )
+    latency = {k: v for k, v in summary.get("parallel_latency", {}).items() if "B=1, S=100," in k}
+    if latency:
+        best = max(latency.values())
+        rows.append(
+            [
+                "parallel_sample: latency speedup vs sample at S = 100, batch 1",
+                ">= 2x on GPU",
+                _fmt(latency, "{:.2f}x"),
+                verdict(best >= 2, f"best {best:.2f}x") if gpu else "info (CPU)",
+            ]
+        )
     if "unet" in summary:
         rows.append(["UNet: share of time outside the model", "-", _fmt(summary["unet"], "{:.1%}"), "info"])
     if not rows:
         return ""
-    return "### Goals (issue #5), from the numbers above\n\n" + B.table(
+    return "### Goals (issues #5, #15), from the numbers above\n\n" + B.table(
         ["goal", "target", "measured", "verdict"], rows
     )
 

@@ -17,6 +17,7 @@ from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._interpolation import slerp
 from ddim_jax._inversion import inverse_step, invert
 from ddim_jax._loop import Trajectory
+from ddim_jax._parallel import ParallelResult, parallel_sample
 from ddim_jax._sample import sample
 from ddim_jax._state import DDIMState, betas_for_config, create_state, set_timesteps
 from ddim_jax._step import MIN_ALPHA_CUMPROD, StepOutput, step
@@ -29,6 +30,7 @@ __all__ = [
     "DDIMConfig",
     "DDIMState",
     "EDICTLatents",
+    "ParallelResult",
     "StepOutput",
     "Trajectory",
     "add_noise",
@@ -42,6 +44,7 @@ __all__ = [
     "get_velocity",
     "inverse_step",
     "invert",
+    "parallel_sample",
     "rescale_noise_cfg",
     "sample",
     "scale_model_input",

@@ -1,0 +1,249 @@
+"""`parallel_sample`: DDIM in fewer sequential model rounds (ParaDiGMS, Shih et al. 2023).
+
+The whole trajectory x_1..x_S is guessed and refined by Picard iterations over a sliding
+window of p steps: each iteration evaluates the model on the window's p steps in one batched
+call and recomputes every window sample as the window's first sample plus the cumulative sum
+of the steps' changes (drift and noise). The window then slides past the leading steps whose
+samples changed by less than ``tolerance`` times the step's noise scale. With tolerance 0 the
+iteration reaches `sample`'s trajectory (its fixed point) to float32 round-off.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax._checks import check_eta, check_ready, compute_dtype, is_traced
+from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_start_step
+from ddim_jax._noise import normal_noise, step_keys
+from ddim_jax._state import DDIMState
+from ddim_jax._step import alpha_at, ddim_update, step_coefficients
+
+__all__ = ["ParallelResult", "parallel_sample"]
+
+
+class ParallelResult(NamedTuple):
+    """What `parallel_sample` returns.
+
+    Attributes:
+      sample: the final sample, float32, the shape of ``latents``.
+      iterations: int32 scalar, the Picard iterations run: the number of sequential
+        (batched) model rounds, against S for `sample`.
+      converged: bool scalar, True when the window passed the last step within
+        ``max_iterations`` (otherwise ``sample`` is the current guess of x_S).
+      residuals: ``(S',)`` float32 for the S' steps run: for step k, the root-mean-square
+        change (over an example's elements, the largest over the batch) of the sample after
+        step k in the last iteration that computed it. A step was accepted where this is at most
+        ``tolerance`` times the noise scale sigma of the step after it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, parallel_sample
+      >>> state = set_timesteps(create_state(DDIMConfig()), 8)
+      >>> out = parallel_sample(lambda x, t: 0.1 * x, state, jnp.ones((1, 2)), window=4)
+      >>> out.sample.shape, out.residuals.shape, bool(out.converged)
+      ((1, 2), (8,), True)
+    """
+
+    sample: jax.Array
+    iterations: jax.Array
+    converged: jax.Array
+    residuals: jax.Array
+
+
+class _Carry(NamedTuple):
+    begin: jax.Array  # index of the window's first step; x_start is the sample before it
+    iteration: jax.Array
+    x_start: jax.Array  # (batch, ...): the sample before step `begin`, final
+    guess: jax.Array  # (window, batch, ...): the samples after steps begin .. begin + window - 1
+    residuals: jax.Array  # (S' + window,): see ParallelResult.residuals
+
+
+def _check_window(window: Any) -> int:
+    try:
+        p = operator.index(window)
+    except TypeError:
+        p = 0
+    if isinstance(window, bool) or p < 1:
+        raise ValueError(f"window must be an int >= 1 (steps per batched model call), got {window!r}")
+    return p
+
+
+def _check_tolerance(tolerance: Any) -> None:
+    if jnp.ndim(tolerance) != 0:
+        raise ValueError(f"tolerance must be a scalar, got shape {jnp.shape(tolerance)}")
+    if not is_traced(tolerance):
+        value = float(tolerance)
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"tolerance must be a finite number >= 0, got {value}")
+
+
+def _check_max_iterations(max_iterations: Any, default: int) -> Any:
+    if max_iterations is None:
+        return default
+    if jnp.ndim(max_iterations) != 0 or not jnp.issubdtype(jnp.result_type(max_iterations), jnp.integer):
+        raise TypeError(f"max_iterations must be an int scalar, got {max_iterations!r}")
+    if not is_traced(max_iterations) and int(max_iterations) < 1:
+        raise ValueError(f"max_iterations must be an int >= 1, got {int(max_iterations)}")
+    return max_iterations
+
+
+def parallel_sample(
+    model_fn: ModelFn,
+    state: DDIMState,
+    latents: jax.Array,
+    *,
+    window: int = 8,
+    tolerance: float | jax.Array = 0.1,
+    max_iterations: int | jax.Array | None = None,
+    key: jax.Array | None = None,
+    eta: float | jax.Array = 0.0,
+    model_args: tuple = (),
+    guidance_scale: float | jax.Array | None = None,
+    guidance_rescale: float | jax.Array = 0.0,
+    guidance_layout: str = "concat",
+    use_clipped_model_output: bool = False,
+    model_dtype: Any = None,
+    start_step: int = 0,
+    window_sharding: jax.sharding.Sharding | None = None,
+) -> ParallelResult:
+    """`sample`'s result in fewer sequential model rounds: Picard iterations over a sliding window.
+
+    Each iteration calls the model once on the ``window`` steps ``begin .. begin + window - 1``
+    (``model_fn`` is vmapped over the window, so it sees the (window x batch) inputs as one
+    batched call, each window entry with its own timestep), recomputes the samples after these
+    steps as x_begin plus the cumulative sum of the steps' changes, and moves ``begin`` past the
+    leading steps whose sample changed, in mean square over an example's elements, by at most
+    ``tolerance**2`` times the DDPM posterior variance sigma^2 of the next step (ParaDiGMS'
+    test, as diffusers' parallel pipeline scales it), and at least one step. New window
+    entries start from the window's last sample. Step i's eta noise is drawn exactly as
+    `sample` draws it, so the fixed point is `sample`'s trajectory: with ``tolerance=0`` the
+    result equals `sample`'s to float32 round-off, whatever the window; a tolerance > 0 trades
+    distance to it for fewer rounds. The whole refinement is one ``lax.while_loop``.
+
+    It pays where one model call on ``window`` times the batch takes about as long as a call on
+    the batch (an idle accelerator, small batches, many steps); on a CPU, where a call costs
+    about ``window`` times more, it seldom does (benchmarks/RESULTS.md).
+
+    Args:
+      model_fn: as for `sample`: ``model_fn(x, t, *model_args)`` with ``t`` an int32 scalar
+        (vmapped over the window, so model-side batching needs no change).
+      state: a state after `set_timesteps`.
+      latents: the starting noise x_T, batch first.
+      window: p, the steps per batched model call (a Python int; clamped to the steps run).
+      tolerance: the acceptance ratio of a step's change to its noise scale (float or traced
+        scalar); 0 accepts only bitwise-unchanged samples (and the one exact step per round).
+      max_iterations: the most rounds (int or traced int; default S, always enough since
+        each round settles at least one step). Check ``converged`` when setting it lower.
+      key, eta, model_args, guidance_scale, guidance_rescale, guidance_layout,
+      use_clipped_model_output, model_dtype, start_step: as for `sample` (step i's noise
+        comes from ``jax.random.split(key, S)[i]``, per example for a batch of keys).
+      window_sharding: a sharding for the ``(window, *latents.shape)`` model inputs and
+        samples, e.g. ``NamedSharding(mesh, P("window"))`` on a mesh with ``Auto`` axes: each
+        device then evaluates the model on its share of the window (call inside ``jax.jit``).
+
+    Returns:
+      A `ParallelResult` ``(sample, iterations, converged, residuals)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, sample, parallel_sample
+      >>> state = set_timesteps(create_state(DDIMConfig()), 50)
+      >>> model = lambda x, t, w: jnp.tanh(w * x)
+      >>> x_T = jax.random.normal(jax.random.key(0), (1, 16))
+      >>> @jax.jit
+      ... def run(w, x, tolerance):
+      ...     return parallel_sample(model, state, x, window=10, tolerance=tolerance, model_args=(w,))
+      >>> exact = run(0.5, x_T, 0.0)
+      >>> bool(jnp.allclose(exact.sample, sample(model, state, x_T, model_args=(0.5,)), atol=1e-5))
+      True
+      >>> fast = run(0.5, x_T, 0.1)  # same compiled program
+      >>> int(fast.iterations) < 50, run._cache_size()
+      (True, 1)
+    """
+    check_ready(state, "parallel_sample")
+    check_loop_options(latents, None, 1)
+    start = check_start_step(start_step, state.num_inference_steps)
+    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model.check()
+    add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
+    num_steps = state.num_inference_steps - start
+    p = min(_check_window(window), num_steps)
+    _check_tolerance(tolerance)
+    max_iterations = _check_max_iterations(max_iterations, num_steps)
+    if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):
+        raise TypeError(
+            f"window_sharding must be a jax.sharding.Sharding or None, got {type(window_sharding).__name__}"
+        )
+    config = state.config
+    dtype = compute_dtype(latents)
+    x = jnp.asarray(latents, dtype)
+    timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
+    keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
+    alphas_t = alpha_at(state, timesteps).astype(dtype)
+    alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
+    coefs = step_coefficients(config, alphas_t, alphas_prev, jnp.asarray(eta, dtype), add_noise)
+    # The acceptance threshold of the sample after step k: tolerance^2 times the DDPM posterior
+    # variance (eta = 1) of step k + 1 (the last step's own for the final sample, whose test
+    # never decides the stride).
+    variance = step_coefficients(config, alphas_t, alphas_prev, 1.0, add_noise=True).std ** 2
+    threshold = jnp.asarray(tolerance, dtype) ** 2 * jnp.append(variance[1:], variance[-1])
+
+    def constrain(a: jax.Array) -> jax.Array:
+        return a if window_sharding is None else jax.lax.with_sharding_constraint(a, window_sharding)
+
+    def one_step(x, t, coef, step_key):
+        noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
+        out = ddim_update(
+            config, coef, model(x, t), x, noise=noise, use_clipped_model_output=use_clipped_model_output
+        )
+        return out.prev_sample
+
+    window_steps = jax.vmap(one_step)
+    offsets = jnp.arange(p)
+    example_axes = tuple(range(2, x.ndim + 1))
+
+    def body(carry: _Carry) -> _Carry:
+        begin, iteration, x_start, guess, residuals = carry
+        index = begin + offsets
+        k = jnp.minimum(index, num_steps - 1)  # steps past the end repeat the last; masked below
+        inputs = constrain(jnp.concatenate([x_start[None], guess[:-1]]))
+        outputs = window_steps(
+            inputs, timesteps[k], jax.tree.map(lambda c: c[k], coefs), None if keys is None else keys[k]
+        )
+        live = (index < num_steps).reshape((p,) + (1,) * x.ndim)
+        drift = jnp.where(live, outputs - inputs, 0)
+        new_guess = constrain(x_start + jnp.cumsum(drift, axis=0))
+        mean_square = jnp.max(jnp.mean((new_guess - guess) ** 2, axis=example_axes), axis=1)  # (p,)
+        accepted = mean_square <= threshold[k]
+        first_rejected = jnp.where(jnp.all(accepted), p, jnp.argmin(accepted))
+        stride = jnp.minimum(jnp.minimum(first_rejected + 1, p), num_steps - begin)
+        residuals = jax.lax.dynamic_update_slice(residuals, jnp.sqrt(mean_square), (begin,))
+        return _Carry(
+            begin + stride,
+            iteration + 1,
+            new_guess[stride - 1],
+            new_guess[jnp.minimum(offsets + stride, p - 1)],
+            residuals,
+        )
+
+    def running(carry: _Carry) -> jax.Array:
+        return (carry.begin < num_steps) & (carry.iteration < max_iterations)
+
+    init = _Carry(
+        jnp.int32(0),
+        jnp.int32(0),
+        x,
+        constrain(jnp.broadcast_to(x, (p,) + x.shape)),
+        jnp.zeros((num_steps + p,), dtype),
+    )
+    end = jax.lax.while_loop(running, body, init)
+    converged = end.begin >= num_steps
+    # Out of iterations: the current guess of x_S (within the window, or its last sample).
+    guess_of_last = end.guess[jnp.clip(num_steps - end.begin - 1, 0, p - 1)]
+    final = jnp.where(converged, end.x_start, guess_of_last)
+    return ParallelResult(final, end.iteration, converged, end.residuals[:num_steps])
