@@ -222,7 +222,13 @@ def parallel_sample(
         accepted = mean_square <= threshold[k]
         first_rejected = jnp.where(jnp.all(accepted), p, jnp.argmin(accepted))
         stride = jnp.minimum(jnp.minimum(first_rejected + 1, p), num_steps - begin)
-        residuals = jax.lax.dynamic_update_slice(residuals, jnp.sqrt(mean_square), (begin,))
+        # A masked write rather than dynamic_update_slice, which refuses to mix the buffer made
+        # here with a value computed from mesh-typed latents (jax.make_mesh's Explicit axes).
+        window_position = jnp.arange(residuals.shape[0]) - begin
+        in_window = (window_position >= 0) & (window_position < p)
+        residuals = jnp.where(
+            in_window, jnp.sqrt(mean_square)[jnp.clip(window_position, 0, p - 1)], residuals
+        )
         return _Carry(
             begin + stride,
             iteration + 1,

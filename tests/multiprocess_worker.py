@@ -41,6 +41,7 @@ from ddim_jax import (
     create_state,
     edict_invert,
     invert,
+    parallel_sample,
     sample,
     set_timesteps,
 )
@@ -85,6 +86,11 @@ LOOPS: dict[str, Callable[[DDIMState, Inputs], Any]] = {
     "invert_guided": lambda s, d: invert(model_fn, s, d.x, model_args=(d.w, d.pairs), **GUIDED),
     "edict_invert_guided": lambda s, d: edict_invert(model_fn, s, d.x, model_args=(d.w, d.pairs), **GUIDED),
     "bdia_invert_guided": lambda s, d: bdia_invert(model_fn, s, d.x, model_args=(d.w, d.pairs), **GUIDED),
+    "parallel_sample_guided_eta_keys": lambda s, d: (
+        parallel_sample(
+            model_fn, s, d.x, window=2, key=d.keys, eta=0.5, model_args=(d.w, d.pairs), **GUIDED
+        ).sample
+    ),
 }
 
 

@@ -210,6 +210,25 @@ def test_window_sharded_across_8_devices_equals_one_device(mesh_shape, spec):
     assert any(per_device in line and " tanh(" in line for line in hlo.splitlines())
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py forces 8 CPU)")
+def test_batch_sharded_on_a_default_mesh_equals_one_device():
+    """Latents and per-example keys sharded over jax.make_mesh's default (Explicit) axes, as the
+    README's multi-device section shards them: same result as one device, sharded like the batch."""
+    mesh = jax.make_mesh((8,), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    state = make_state(12)
+    x = latents(3, (8, 4, 6))
+    keys = jax.random.split(jax.random.key(2), 8)
+
+    def run(x, keys):
+        return parallel_sample(model_fn, state, x, window=4, key=keys, eta=0.5, model_args=(0.7,)).sample
+
+    one = jax.jit(run)(x, keys)
+    out = jax.jit(run)(jax.device_put(x, batch), jax.device_put(keys, batch))
+    assert out.sharding.spec[0] == "data"
+    np.testing.assert_allclose(out, one, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_inputs():
     state = make_state(4)
     x = jnp.ones(SHAPE)
