@@ -94,7 +94,8 @@ class Sampler:
 
         Example:
           >>> import ddim_jax
-          >>> Sampler.untrained().with_config(ddim_jax.DDIMConfig(timestep_spacing="trailing")).config.timestep_spacing
+          >>> trailing = ddim_jax.DDIMConfig(timestep_spacing="trailing")
+          >>> Sampler.untrained().with_config(trailing).config.timestep_spacing
           'trailing'
         """
         return Sampler(self.model, self.params, config, _PROGRESS.bar)
@@ -197,7 +198,9 @@ def _loop(kind: str, model: UNet, config: ddim_jax.DDIMConfig, num_steps: int) -
     if kind == "sample":
 
         def run(params, x_T, eta, key, labels):
-            return ddim_jax.sample(model_fn, state, x_T, key=key, eta=eta, model_args=(params, labels), **progress)
+            return ddim_jax.sample(
+                model_fn, state, x_T, key=key, eta=eta, model_args=(params, labels), **progress
+            )
 
     elif kind == "guided":
 
@@ -236,7 +239,8 @@ def trained_sampler(
       >>> from ddim_jax.demo.train import TrainSettings
       >>> tiny = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
       >>> sampler = trained_sampler(tiny, cache_dir=None, progress=False)
-      >>> sampler.sample(jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), 5, 0.0, jax.random.key(1), [3, 4]).shape
+      >>> x_T = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+      >>> sampler.sample(x_T, 5, 0.0, jax.random.key(1), labels=[3, 4]).shape
       (2, 8, 8, 1)
     """
     settings = settings or fixed_settings(TrainSettings())

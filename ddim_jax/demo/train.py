@@ -170,7 +170,11 @@ def make_model(settings: TrainSettings) -> UNet:
       ((16, 32), 10)
     """
     return UNet(
-        channels=tuple(settings.channels), in_channels=1, out_channels=1, num_groups=1, num_classes=NUM_CLASSES
+        channels=tuple(settings.channels),
+        in_channels=1,
+        out_channels=1,
+        num_groups=1,
+        num_classes=NUM_CLASSES,
     )
 
 
@@ -232,7 +236,9 @@ def train_denoiser(
     data = jnp.asarray(x_train, jnp.float32)
     labels = jnp.asarray(y_train, jnp.int32)
     if labels.shape != data.shape[:1]:
-        raise ValueError(f"y_train must have shape ({data.shape[0]},) like x_train's batch, got {labels.shape}")
+        raise ValueError(
+            f"y_train must have shape ({data.shape[0]},) like x_train's batch, got {labels.shape}"
+        )
     key = jax.random.key(settings.seed)
     init_key, key = jax.random.split(key)
     params = _init_params(make_model(settings), init_key)
@@ -243,7 +249,9 @@ def train_denoiser(
     carry = (params, opt.init(params), jax.tree.map(jnp.copy, params))  # distinct buffers: donated
     tables = _loss_tables(settings)
     keys = jax.random.split(key, settings.train_steps)
-    name = f"train {settings.prediction_type}{' zero-SNR' if settings.rescale_betas_zero_snr else ''} denoiser"
+    name = (
+        f"train {settings.prediction_type}{' zero-SNR' if settings.rescale_betas_zero_snr else ''} denoiser"
+    )
     bar = tqdm(total=settings.train_steps, desc=name, unit="step", disable=not progress)
     for i in range(settings.train_steps):
         carry, loss = run_step(carry, keys[i], data, labels, tables)
@@ -256,7 +264,9 @@ def train_denoiser(
 
 
 def _init_params(model: UNet, key: jax.Array):
-    return _jitted_init(model)(key, jnp.zeros((1, 8, 8, 1)), jnp.zeros((), jnp.int32), None, jnp.zeros(1, jnp.int32))
+    return _jitted_init(model)(
+        key, jnp.zeros((1, 8, 8, 1)), jnp.zeros((), jnp.int32), None, jnp.zeros(1, jnp.int32)
+    )
 
 
 @functools.lru_cache(maxsize=8)
