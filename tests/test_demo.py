@@ -79,7 +79,7 @@ def test_demo_writes_files_and_tables(demo_runs):
         assert set(row) == {"0", "0.7"}
         assert all(0 <= c["accuracy"] <= 1 and 0 <= c["out_of_range"] <= 1 for c in row.values())
     assert read_png(out / results["files"]["guidance"]).shape == (2 * 33 + 1, 21 * 33 + 1)
-    assert read_png(out / results["files"]["brightness"]).shape == (4 * 33 + 1, 20 * 33 + 1)
+    assert read_png(out / results["files"]["brightness"]).shape == (4 * 33 + 1, 8 * 33 + 1)
     markdown = (out / "results.md").read_text()
     assert "Table 1" in markdown and "Table 2" in markdown and "| 1 |" in markdown
     assert "Zero terminal SNR" in markdown and "Guidance" in markdown

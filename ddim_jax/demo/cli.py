@@ -330,9 +330,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         clock.lap("schedule")
         results["brightness"] = brightness
         results["schedule_scheduler_configs"] = {k: v.config.to_dict() for k, v in samplers.items()}
-        rows = np.concatenate([x_held_out[:20], *(last[k][:20] for k in "abc")])
+        n = min(20, args.schedule_samples)  # a row each: held-out data, then samplers a, b, c
+        rows = np.concatenate([x_held_out[:n], *(last[k][:n] for k in "abc")])
         files["brightness"] = "brightness_real_a_b_c.png"
-        write_png(out / files["brightness"], image_grid(to_unit_range(rows), ncols=20))
+        write_png(out / files["brightness"], image_grid(to_unit_range(rows), ncols=n))
     if "guidance" in parts:
         guided = sampler("v_prediction", timestep_spacing="trailing")
         guidance, samples = guidance_table(

@@ -56,7 +56,8 @@ def brightness_table(
     the 1-D Wasserstein distance between the samples' and the held-out data's per-image
     mean brightness ([0, 1] scale, `mean_brightness`), the ratio of their standard
     deviations (1 is right; below 1 the samples are too uniformly gray), the mean
-    brightness, and the FCD to ``x_reference``.
+    brightness, and the FCD to ``x_reference``. The floor, ``real_data``: the same
+    measures for ``num_samples`` reference images against the held-out ones.
 
     Returns:
       ``(table, samples)``: the JSON-ready table, and each sampler's samples at the largest S.
@@ -74,6 +75,7 @@ def brightness_table(
     """
     ref = feature_stats(features.features(x_reference))
     real = mean_brightness(x_real_test)
+    floor = mean_brightness(x_reference[:num_samples])
     x_T = jax.random.normal(jax.random.key(seed), (num_samples, 8, 8, 1), jnp.float32)
     configs: dict[str, dict[str, dict[str, float]]] = {}
     last: dict[str, np.ndarray] = {}
@@ -97,6 +99,7 @@ def brightness_table(
         "steps": list(steps),
         "real_mean": float(real.mean()),
         "real_std": float(real.std()),
+        "real_data": {"w1": wasserstein_1d(floor, real), "std_ratio": std_ratio(floor, real)},
         "names": {name: CONFIG_NAMES.get(name, name) for name in samplers},
         "configs": configs,
     }
@@ -196,6 +199,7 @@ def fixes_markdown(brightness: dict[str, Any] | None, guidance: dict[str, Any] |
 
     Example:
       >>> b = {"steps": [10], "num_samples": 4, "num_real": 5, "real_mean": 0.4, "real_std": 0.15,
+      ...      "real_data": {"w1": 0.01, "std_ratio": 1.0},
       ...      "names": {"a": "SD"}, "configs": {"a": {"10": {"w1": 0.1, "std_ratio": 0.5, "mean": 0.4,
       ...      "fcd": 3.0}}}}
       >>> print(fixes_markdown(b, None).splitlines()[4])
@@ -224,7 +228,8 @@ def fixes_markdown(brightness: dict[str, Any] | None, guidance: dict[str, Any] |
             "",
             f"Held-out data ({brightness['num_real']} brightness-varied digits): mean brightness "
             f"{brightness['real_mean']:.2f}, std {brightness['real_std']:.3f}. W1 lower is better; "
-            "std ratio 1 is right.",
+            "std ratio 1 is right. Real-data floor (as many reference digits against the held-out ones): "
+            f"W1 {brightness['real_data']['w1']:.3f}, std ratio {brightness['real_data']['std_ratio']:.2f}.",
             "",
         ]
     if guidance is not None:
