@@ -20,7 +20,8 @@ from ddim_jax.demo import cli  # noqa: E402
 from ddim_jax.demo.train import TrainSettings, cache_path, fixed_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--channels", "4", "--train-steps", "3", "--batch-size", "8", "--num-samples", "8"]
+# the training settings of the doctests' tiny models: one compiled training step serves all
+TINY = ["--channels", "4", "--train-steps", "2", "--batch-size", "4", "--num-samples", "8"]
 TINY += ["--steps", "2,3", "--etas", "0,1", "--recon-steps", "2,4", "--num-recon", "4", "--quiet"]
 TINY += ["--schedule-steps", "2,3", "--schedule-samples", "8"]
 TINY += [
@@ -33,7 +34,7 @@ TINY += [
     "--per-digit",
     "2",
 ]
-TINY_SETTINGS = TrainSettings(channels=(4,), train_steps=3, batch_size=8)
+TINY_SETTINGS = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
 
 
 def read_png(path: Path) -> np.ndarray:

@@ -223,7 +223,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     Example (tiny settings, no parameter cache; the printed tables are swallowed here):
       >>> import contextlib, io, tempfile
       >>> from ddim_jax.demo.cli import build_parser, run_demo
-      >>> tiny = "--channels 4 --train-steps 1 --batch-size 2 --num-samples 2 --steps 2 --etas 0"
+      >>> tiny = "--channels 4 --train-steps 2 --batch-size 4 --num-samples 2 --steps 2 --etas 0"
       >>> tiny += " --recon-steps 2 --num-recon 2 --no-cache --quiet --parts ddim"
       >>> with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
       ...     results = run_demo(build_parser().parse_args(["demo", "--out", out, *tiny.split()]))
