@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,36 +14,34 @@ import pytest
 
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")
+Image = pytest.importorskip("PIL.Image")
 
 from ddim_jax.demo import cli  # noqa: E402
-from ddim_jax.demo.png import PNG_SIGNATURE  # noqa: E402
-from ddim_jax.demo.train import TrainSettings, cache_path  # noqa: E402
+from ddim_jax.demo.train import TrainSettings, cache_path, fixed_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--channels", "4", "--train-steps", "3", "--batch-size", "8", "--num-samples", "8"]
+# the training settings of the doctests' tiny models: one compiled training step serves all
+TINY = ["--channels", "4", "--train-steps", "2", "--batch-size", "4", "--num-samples", "8"]
 TINY += ["--steps", "2,3", "--etas", "0,1", "--recon-steps", "2,4", "--num-recon", "4", "--quiet"]
-TINY_SETTINGS = TrainSettings(channels=(4,), train_steps=3, batch_size=8)
+TINY += ["--schedule-steps", "2,3", "--schedule-samples", "8"]
+TINY += [
+    "--guidance-scales",
+    "1,5",
+    "--guidance-rescales",
+    "0,0.7",
+    "--guidance-steps",
+    "2",
+    "--per-digit",
+    "2",
+]
+TINY_SETTINGS = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
 
 
 def read_png(path: Path) -> np.ndarray:
-    """Parses a grayscale 8-bit PNG written by `write_png`, checking signature, chunk CRCs and IHDR."""
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 0)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(height, width + 1)
-    assert (rows[:, 0] == 0).all()  # filter type 0
-    return rows[:, 1:]
+    """Reads an 8-bit grayscale PNG (Pillow), checking the mode."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.mode == "L"
+        return np.asarray(image)
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +69,35 @@ def test_demo_writes_files_and_tables(demo_runs):
         assert set(row) == {"2", "3"} and all(np.isfinite(v) and v >= 0 for v in row.values())
     assert quality["real_data_floor"] > 0 and quality["num_samples"] == 8
     assert set(recon["mse"]) == {"2", "4"} and all(0 <= v < 1 for v in recon["mse"].values())
+    brightness, guidance = results["brightness"], results["guidance"]
+    assert set(brightness["configs"]) == {"a", "b", "c"}
+    for row in brightness["configs"].values():
+        assert set(row) == {"2", "3"}
+        for cell in row.values():
+            assert cell["w1"] >= 0 and cell["std_ratio"] >= 0 and 0 <= cell["mean"] <= 1
+    assert set(guidance["cells"]) == {"1", "5"} and guidance["num_samples"] == 20
+    for row in guidance["cells"].values():
+        assert set(row) == {"0", "0.7"}
+        assert all(0 <= c["accuracy"] <= 1 and 0 <= c["out_of_range"] <= 1 for c in row.values())
+    assert read_png(out / results["files"]["guidance"]).shape == (2 * 33 + 1, 21 * 33 + 1)
+    assert read_png(out / results["files"]["brightness"]).shape == (4 * 33 + 1, 8 * 33 + 1)
     markdown = (out / "results.md").read_text()
     assert "Table 1" in markdown and "Table 2" in markdown and "| 1 |" in markdown
+    assert "Zero terminal SNR" in markdown and "Guidance" in markdown
+    assert set(results["cpu_seconds"]) >= {"table1", "table2", "schedule", "guidance", "total"}
 
 
 def test_demo_cache_reused_and_reproducible(demo_runs):
     base, [(_, first), (_, second)] = demo_runs
-    assert first["params_from_cache"] is False and second["params_from_cache"] is True
+    assert first["params_from_cache"] == {"epsilon": False, "v_prediction": False}
+    assert second["params_from_cache"] == {"epsilon": True, "v_prediction": True}
     assert cache_path(TINY_SETTINGS, base / "cache").is_file()
-    assert second["quality"]["eta"] == first["quality"]["eta"]  # seeded: same numbers again
-    assert second["reconstruction"]["mse"] == first["reconstruction"]["mse"]
+    assert cache_path(fixed_settings(TINY_SETTINGS), base / "cache").is_file()
+    assert cache_path(TINY_SETTINGS, base / "cache") != cache_path(
+        fixed_settings(TINY_SETTINGS), base / "cache"
+    )
+    for part in ("quality", "reconstruction", "brightness", "guidance"):  # seeded: same numbers again
+        assert second[part] == first[part]
     assert cache_path(
         TrainSettings(channels=(4,), train_steps=4, batch_size=8), base / "cache"
     ) != cache_path(TINY_SETTINGS, base / "cache")
@@ -99,6 +114,10 @@ def test_demo_cache_reused_and_reproducible(demo_runs):
         (["--channels", "4,4,4,4"], "--channels"),
         (["--steps", "ten"], "--steps"),
         (["--seed", "x"], "--seed"),
+        (["--parts", "ddim,brightness"], "--parts"),
+        (["--guidance-rescales", "1.5"], "--guidance-rescales"),
+        (["--schedule-steps", "0"], "--schedule-steps"),
+        (["--per-digit", "0"], "--per-digit"),
     ],
 )
 def test_demo_bad_arguments(bad, message, tmp_path, capsys):
@@ -108,11 +127,56 @@ def test_demo_bad_arguments(bad, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Makes any training or parameter loading fail the test: errors must come before it."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained before refusing a bad argument")
+
+    monkeypatch.setattr("ddim_jax.demo.train.load_or_train", fail)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache-dir"])
+@pytest.mark.parametrize("where", ["file", "below_file"])
+def test_demo_bad_directories_refused_before_training(flag, where, tmp_path, capsys, no_training):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    bad = a_file if where == "file" else a_file / "sub"
+    args = {"--out": str(tmp_path / "out"), "--cache-dir": str(tmp_path / "cache"), flag: str(bad)}
+    with pytest.raises(SystemExit) as err:
+        cli.main(["demo", *[x for pair in args.items() for x in pair], "--quiet"])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert f"ddim-jax demo: error: {flag}" in message and "Traceback" not in message
+    assert message.count("\n") == 1
+
+
+def test_demo_missing_extra_says_which(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
+    assert cli.main(["demo", "--help"]) == 2
+    message = capsys.readouterr().err
+    assert "pip install 'ddim_jax[demo]'" in message and "Pillow" in message
+
+
+def test_demo_one_part_alone(demo_runs, tmp_path):
+    base, _ = demo_runs
+    out = tmp_path / "guidance_only"
+    argv = ["demo", *TINY, "--cache-dir", str(base / "cache"), "--out", str(out), "--parts", "guidance"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["parts"] == ["guidance"] and "quality" not in results and "brightness" not in results
+    assert results["params_from_cache"] == {"v_prediction": True}  # only the model this part needs
+    assert sorted(results["files"]) == ["guidance"]
+
+
 def test_demo_help(capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["demo", "--help"])
     assert err.value.code == 0
-    assert "--num-samples" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    for flag in ("--num-samples", "--parts", "--schedule-steps", "--guidance-scales", "--guidance-rescales"):
+        assert flag in text
 
 
 def _load_example(name: str):
@@ -139,7 +203,7 @@ def test_sd_latent_guidance_example(capsys):
 def test_interpolation_example(demo_runs, tmp_path):
     base, _ = demo_runs
     example = _load_example("interpolation_grid")
-    out = tmp_path / "interp.png"
+    out = tmp_path / "examples_out" / "interp.png"  # the folder is created
     images = example.main(
         str(out), cache_dir=str(base / "cache"), settings=TINY_SETTINGS, rows=2, cols=3, num_steps=2
     )

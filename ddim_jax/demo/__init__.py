@@ -1,7 +1,18 @@
-"""The main job (``ddim-jax demo``): a small Flax UNet trained on scikit-learn's digits, sampled with DDIM.
+"""The main job (``ddim-jax demo``): small class-conditional Flax UNets trained on scikit-learn's digits.
 
-Needs the ``demo`` extra (flax, optax, scikit-learn, tqdm). Modules: `unet` (the model),
-`data` (the digits), `train` (optax training and the parameter cache), `metrics` (Frechet
-distance in a small classifier's feature space), `png` (a dependency-free PNG writer),
-`experiments` (the paper's tables in miniature) and `cli` (the console script).
+Needs the ``demo`` extra (flax, optax, scikit-learn, tqdm, Pillow). Modules: `unet` (the
+model), `data` (the digits, and their random brightness), `train` (optax training of the
+epsilon and the zero-SNR v-prediction models, and the parameter cache), `metrics` (Frechet
+distance in a small classifier's feature space, brightness and over-exposure measures),
+`png` (image grids, written with Pillow), `experiments` (the DDIM paper's tables in
+miniature, and `Sampler` / `trained_sampler`), `fixes` (Lin et al.'s fixes in miniature)
+and `cli` (the console script).
+
+To build on the trained class-conditional model::
+
+    from ddim_jax.demo.experiments import trained_sampler
+    sampler = trained_sampler()  # zero-SNR v-prediction model, trailing spacing; cached by the demo
+    images = sampler.sample(x_T, 25, 0.0, key, labels=[3] * len(x_T), guidance_scale=3.0)
+    # or directly: ddim_jax.invert / ddim_jax.sample with denoiser_fn(sampler.model),
+    # model_args=(sampler.params, labels) and a state from sampler.config
 """

@@ -1,8 +1,15 @@
-"""The ``ddim-jax`` console script: ``ddim-jax demo`` trains, caches, samples and reports."""
+"""The ``ddim-jax`` console script: ``ddim-jax demo`` trains, caches, samples and reports.
+
+Three parts, all run by default, each alone with ``--parts``: ``ddim`` (the DDIM paper's
+Tables 1 and 2), ``schedule`` (Lin et al.'s zero terminal SNR, v-prediction and trailing
+spacing against Stable Diffusion's setting, on image brightness) and ``guidance``
+(classifier-free guidance and its rescale).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -11,10 +18,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "run_demo", "build_parser", "DEFAULT_STEPS", "DEFAULT_ETAS"]
+__all__ = [
+    "DEFAULT_ETAS",
+    "DEFAULT_STEPS",
+    "PARTS",
+    "build_parser",
+    "main",
+    "run_demo",
+]
 
-DEFAULT_STEPS = (10, 20, 50, 100, 1000)
+DEFAULT_STEPS = (10, 20, 50, 100)
+DEFAULT_RECON_STEPS = (10, 20, 50, 100, 1000)
 DEFAULT_ETAS = (0.0, 0.5, 1.0)
+PARTS = ("ddim", "schedule", "guidance")
+_DEMO_MODULES = {"flax": "flax", "optax": "optax", "sklearn": "scikit-learn", "tqdm": "tqdm", "PIL": "Pillow"}
 
 
 def _number_list(kind: type, what: str):
@@ -36,66 +53,110 @@ _int_list = _number_list(int, "integers")
 _float_list = _number_list(float, "numbers")
 
 
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated parts from {', '.join(PARTS)}, got {text!r}"
+        )
+    return parts
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ddim-jax`` (subcommand ``demo``).
 
     Example:
       >>> from ddim_jax.demo.cli import build_parser
-      >>> build_parser().parse_args(["demo", "--steps", "10,20"]).steps
-      (10, 20)
+      >>> args = build_parser().parse_args(["demo", "--steps", "10,20", "--parts", "ddim"])
+      >>> args.steps, args.parts
+      ((10, 20), ('ddim',))
     """
-    from ddim_jax.demo.train import TrainSettings
+    from ddim_jax.demo.train import DEFAULT_CACHE_DIR, TrainSettings
 
     parser = argparse.ArgumentParser(prog="ddim-jax", description="ddim_jax command line tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a small UNet on scikit-learn's digits, sample it with DDIM, reproduce the paper's tables",
+        help="train small class-conditional UNets on the digits, reproduce both papers in miniature",
         description=(
-            "Trains a small Flax UNet denoiser with optax on scikit-learn's 8x8 digits (cached), samples "
-            "it with DDIM, writes PNG grids, and measures the DDIM paper's Table 1 (sample quality vs "
-            "steps S and eta) and Table 2 (reconstruction error of invert-then-sample vs S) in miniature. "
-            "Defaults take a few minutes on a 2-core CPU."
+            "Trains two small class-conditional Flax UNets with optax on scikit-learn's 8x8 digits, given "
+            "random brightness (cached): Stable Diffusion's schedule with epsilon prediction, and the same "
+            "schedule rescaled to zero terminal SNR with v-prediction. Then, per --parts: 'ddim' measures "
+            "the DDIM paper's Table 1 (sample quality vs steps S and eta) and Table 2 (reconstruction "
+            "error of invert-then-sample vs S); 'schedule' measures Lin et al.'s claim that only zero "
+            "terminal SNR with trailing timesteps reproduces the data's spread of image brightness; "
+            "'guidance' measures classifier-free guidance scales with and without guidance rescale. "
+            "Writes PNG grids, results.md and results.json. Defaults take a few minutes on a 2-core CPU."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument(
+        "--parts", type=_parts, default=PARTS, help=f"which parts to run, from {','.join(PARTS)}"
     )
     demo.add_argument("--out", default="demo_out", help="output directory (PNGs, results.md, results.json)")
     demo.add_argument(
         "--cache-dir",
-        default=os.path.join("~", ".cache", "ddim_jax"),
+        default=DEFAULT_CACHE_DIR,
         help="where trained parameters are cached, keyed by a hash of the training settings",
     )
     demo.add_argument("--no-cache", action="store_true", help="neither read nor write the parameter cache")
     demo.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     defaults = TrainSettings()
-    demo.add_argument("--train-steps", type=int, default=defaults.train_steps, help="optimizer steps")
-    demo.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
-    demo.add_argument(
+    train = demo.add_argument_group("training (both models)")
+    train.add_argument("--train-steps", type=int, default=defaults.train_steps, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
+    train.add_argument(
         "--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate"
     )
-    demo.add_argument("--channels", type=_int_list, default=defaults.channels, help="UNet channels per level")
-    demo.add_argument("--num-samples", type=int, default=400, help="samples per Table 1 cell")
-    demo.add_argument("--steps", type=_int_list, default=DEFAULT_STEPS, help="Table 1 step counts S")
-    demo.add_argument("--etas", type=_float_list, default=DEFAULT_ETAS, help="Table 1 eta values")
-    demo.add_argument("--recon-steps", type=_int_list, default=DEFAULT_STEPS, help="Table 2 step counts S")
-    demo.add_argument("--num-recon", type=int, default=100, help="held-out digits reconstructed in Table 2")
-    demo.add_argument(
+    train.add_argument(
+        "--channels", type=_int_list, default=defaults.channels, help="UNet channels per level"
+    )
+    ddim = demo.add_argument_group("part 'ddim': the DDIM paper's tables (epsilon model, leading spacing)")
+    ddim.add_argument("--num-samples", type=int, default=400, help="samples per Table 1 cell")
+    ddim.add_argument("--steps", type=_int_list, default=DEFAULT_STEPS, help="Table 1 step counts S")
+    ddim.add_argument("--etas", type=_float_list, default=DEFAULT_ETAS, help="Table 1 eta values")
+    ddim.add_argument(
+        "--recon-steps", type=_int_list, default=DEFAULT_RECON_STEPS, help="Table 2 step counts S"
+    )
+    ddim.add_argument("--num-recon", type=int, default=50, help="held-out digits reconstructed in Table 2")
+    ddim.add_argument(
         "--clip-sample",
         action="store_true",
         help="clip predicted x0 to [-1, 1] at every step (diffusers' default; off here, see README)",
     )
-    demo.add_argument(
-        "--part",
-        choices=("tables", "inversion"),
-        default="tables",
-        help="tables: the paper's Tables 1 and 2; inversion: DDIM inversion against the exact EDICT "
-        "and BDIA round trips on --num-recon held-out digits at --inversion-steps (about a minute)",
+    sched = demo.add_argument_group("part 'schedule': zero terminal SNR, v-prediction, trailing spacing")
+    sched.add_argument("--schedule-steps", type=_int_list, default=(10, 25, 50), help="step counts S")
+    sched.add_argument("--schedule-samples", type=int, default=400, help="samples per cell")
+    guide = demo.add_argument_group("part 'guidance': classifier-free guidance and its rescale")
+    guide.add_argument(
+        "--guidance-scales", type=_float_list, default=(1.0, 3.0, 5.0, 7.5, 10.0), help="guidance scales w"
     )
-    demo.add_argument(
-        "--inversion-steps", type=_int_list, default=(10, 20, 50), help="step counts S of --part inversion"
-    )
+    guide.add_argument("--guidance-rescales", type=_float_list, default=(0.0, 0.7), help="rescale values phi")
+    guide.add_argument("--guidance-steps", type=int, default=25, help="sampling steps S (trailing spacing)")
+    guide.add_argument("--per-digit", type=int, default=20, help="samples per digit per cell")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _check_dir(flag: str, path: str) -> Path:
+    """``path`` as a directory we can write to, created now; a ValueError naming ``flag`` otherwise."""
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--{flag} must be a directory, got the file {path!r}")
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--{flag} {path!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".ddim_jax_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--{flag} {path!r} is not a writable directory ({err.strerror})") from None
+    return directory
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -110,14 +171,21 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--num-samples must be >= 2 (a covariance needs two samples), got {args.num_samples}"
         )
     positive("num-recon", args.num_recon)
-    if args.part == "inversion" and args.clip_sample:
+    positive("per-digit", args.per_digit)
+    if args.schedule_samples < 2:
         raise ValueError(
-            "--clip-sample cannot be used with --part inversion: exact inversion cannot undo clipping"
+            f"--schedule-samples must be >= 2 (a covariance needs two), got {args.schedule_samples}"
         )
-    for name in ("steps", "recon_steps", "inversion_steps"):
+    for name in ("steps", "recon_steps", "schedule_steps"):
         for s in getattr(args, name):
             if not 1 <= s <= 1000:
                 raise ValueError(f"--{name.replace('_', '-')} values must be in [1, 1000], got {s}")
+    if not 1 <= args.guidance_steps <= 1000:
+        raise ValueError(f"--guidance-steps must be in [1, 1000], got {args.guidance_steps}")
+    if any(not 0.0 <= w <= 100.0 for w in args.guidance_scales):
+        raise ValueError(f"--guidance-scales values must be in [0, 100], got {args.guidance_scales}")
+    if any(not 0.0 <= phi <= 1.0 for phi in args.guidance_rescales):
+        raise ValueError(f"--guidance-rescales values must be in [0, 1], got {args.guidance_rescales}")
     for eta in args.etas:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"--etas values must be in [0, 1], got {eta}")
@@ -127,118 +195,202 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--channels must be 1 to 3 positive ints (8x8 -> 4x4 -> 2x2), got {args.channels}")
 
 
+class _Clock:
+    """Wall and process CPU seconds per part of the run."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.start = self.mark = (time.perf_counter(), time.process_time())
+
+    def lap(self, part: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.wall[part] = self.wall.get(part, 0.0) + now[0] - self.mark[0]
+        self.cpu[part] = self.cpu.get(part, 0.0) + now[1] - self.mark[1]
+        self.mark = now
+
+    def total(self) -> tuple[float, float]:
+        return time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the demo for parsed ``args``; returns the results dict also saved as ``results.json``.
+    """Runs the demo's ``args.parts``; returns the results dict also saved as ``results.json``.
 
     Raises:
-      ValueError: for out-of-range arguments.
+      ValueError: for out-of-range arguments and unusable ``--out`` / ``--cache-dir``,
+        before any training.
 
     Example (tiny settings, no parameter cache; the printed tables are swallowed here):
       >>> import contextlib, io, tempfile
       >>> from ddim_jax.demo.cli import build_parser, run_demo
-      >>> tiny = "--channels 4 --train-steps 1 --batch-size 2 --num-samples 2 --steps 2 --etas 0"
-      >>> tiny += " --recon-steps 2 --num-recon 2 --no-cache --quiet"
+      >>> tiny = "--channels 4 --train-steps 2 --batch-size 4 --num-samples 2 --steps 2 --etas 0"
+      >>> tiny += " --recon-steps 2 --num-recon 2 --no-cache --quiet --parts ddim"
       >>> with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
       ...     results = run_demo(build_parser().parse_args(["demo", "--out", out, *tiny.split()]))
       >>> results["params_from_cache"], sorted(results["files"]), list(results["reconstruction"]["mse"])
-      (False, ['real', 'samples', 'steps'], ['2'])
+      ({'epsilon': False}, ['real', 'samples', 'steps'], ['2'])
     """
     _check_args(args)
+    out = _check_dir("out", args.out)
+    cache_dir = None if args.no_cache else _check_dir("cache-dir", args.cache_dir)
+    clock = _Clock()
     import jax
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ddim_jax.demo.data import load_digits_split, to_unit_range
+    from ddim_jax.demo.data import load_digits_split, to_unit_range, vary_brightness
     from ddim_jax.demo.experiments import Sampler, quality_table, reconstruction_table, tables_markdown
+    from ddim_jax.demo.fixes import brightness_table, fixes_markdown, guidance_grid_images, guidance_table
     from ddim_jax.demo.metrics import default_feature_net
     from ddim_jax.demo.png import image_grid, write_png
-    from ddim_jax.demo.train import TrainSettings, load_or_train, make_model
+    from ddim_jax.demo.train import TrainSettings, fixed_settings, load_or_train, make_model
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
-    settings = TrainSettings(
+    parts = set(args.parts)
+    epsilon = TrainSettings(
         channels=tuple(args.channels),
         train_steps=args.train_steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
     )
+    needed = {"epsilon": epsilon} if parts & {"ddim", "schedule"} else {}
+    if parts & {"schedule", "guidance"}:
+        needed["v_prediction"] = fixed_settings(epsilon)
     digits = load_digits_split()
-    params, cached = load_or_train(
-        settings, digits.x_train, None if args.no_cache else args.cache_dir, progress=progress
-    )
-    train_time = time.perf_counter() - start
-    print(f"denoiser: {'loaded from cache' if cached else 'trained'} in {train_time:.1f} s", file=sys.stderr)
-    if args.part == "inversion":
-        from ddim_jax.demo.inversion import run_inversion_part
-
-        model = make_model(settings)
-        return run_inversion_part(
-            args, model, params, settings, digits, out, cached=cached, train_time=train_time, start=start
+    clock.lap("setup")
+    params, cached = {}, {}
+    for name, settings in needed.items():
+        params[name], cached[name] = load_or_train(
+            settings, digits.x_train, digits.y_train, cache_dir, progress=progress
         )
+        clock.lap(f"train_{name}" if not cached[name] else f"load_{name}")
+        print(f"{name} denoiser: {'loaded from cache' if cached[name] else 'trained'}", file=sys.stderr)
     features = default_feature_net(0)  # a fixed metric, comparable across --seed values
+    x_reference = np.asarray(vary_brightness(digits.x_train, jax.random.key(100)))
+    x_held_out = np.asarray(vary_brightness(digits.x_test, jax.random.key(99)))
+    clock.lap("classifier")
 
-    n_recon = min(args.num_recon, len(digits.x_test))
-    total = len(args.etas) * sum(args.steps) + 2 * sum(args.recon_steps)
+    def sampler(name: str, **sampling: Any) -> Sampler:
+        settings = needed[name]
+        return Sampler(make_model(settings), params[name], settings.scheduler_config(**sampling), bar)
+
+    total = 0
+    if "ddim" in parts:
+        total += len(args.etas) * sum(args.steps) + 2 * sum(args.recon_steps)
+    if "schedule" in parts:
+        total += 3 * sum(args.schedule_steps)
+    if "guidance" in parts:
+        total += len(args.guidance_scales) * len(args.guidance_rescales) * args.guidance_steps
     bar = tqdm(total=total, desc="DDIM sampling (all cells)", unit="step", disable=not progress)
-    sampler = Sampler(make_model(settings), params, settings.scheduler_config(args.clip_sample), bar)
-    t0 = time.perf_counter()
-    quality, eta0 = quality_table(
-        sampler,
-        features,
-        digits.x_train,
-        digits.x_test,
-        steps=args.steps,
-        etas=args.etas,
-        num_samples=args.num_samples,
-        seed=args.seed,
-    )
-    t1 = time.perf_counter()
-    recon = reconstruction_table(sampler, digits.x_test[:n_recon], steps=args.recon_steps)
-    t2 = time.perf_counter()
+    results: dict[str, Any] = {"parts": list(args.parts)}
+    files: dict[str, str] = {}
+    markdown = []
+    if "ddim" in parts:
+        ddim = sampler("epsilon", clip_sample=args.clip_sample)
+        quality, eta0 = quality_table(
+            ddim,
+            features,
+            x_reference,
+            x_held_out,
+            steps=args.steps,
+            etas=args.etas,
+            num_samples=args.num_samples,
+            seed=args.seed,
+        )
+        clock.lap("table1")
+        recon = reconstruction_table(ddim, x_held_out[: args.num_recon], steps=args.recon_steps)
+        clock.lap("table2")
+        results.update(quality=quality, reconstruction=recon, ddim_scheduler_config=ddim.config.to_dict())
+        markdown.append(tables_markdown(quality, recon))
+        if eta0:
+            best = max(eta0)
+            files["samples"] = f"samples_S{best}_eta0.png"
+            write_png(out / files["samples"], image_grid(to_unit_range(eta0[best][:100]), ncols=10))
+            rows = np.concatenate([eta0[s][:10] for s in sorted(eta0)])
+            files["steps"] = "same_noise_by_steps.png"
+            write_png(out / files["steps"], image_grid(to_unit_range(rows), ncols=10))
+        files["real"] = "real_digits.png"
+        write_png(out / files["real"], image_grid(to_unit_range(x_held_out[:100]), ncols=10))
+    if "schedule" in parts:
+        samplers = {
+            "a": sampler("epsilon", steps_offset=1),
+            "b": sampler("v_prediction", steps_offset=1),
+            "c": sampler("v_prediction", timestep_spacing="trailing"),
+        }
+        brightness, last = brightness_table(
+            samplers,
+            features,
+            x_reference,
+            x_held_out,
+            steps=args.schedule_steps,
+            num_samples=args.schedule_samples,
+            seed=args.seed,
+        )
+        clock.lap("schedule")
+        results["brightness"] = brightness
+        results["schedule_scheduler_configs"] = {k: v.config.to_dict() for k, v in samplers.items()}
+        n = min(20, args.schedule_samples)  # a row each: held-out data, then samplers a, b, c
+        rows = np.concatenate([x_held_out[:n], *(last[k][:n] for k in "abc")])
+        files["brightness"] = "brightness_real_a_b_c.png"
+        write_png(out / files["brightness"], image_grid(to_unit_range(rows), ncols=n))
+    if "guidance" in parts:
+        guided = sampler("v_prediction", timestep_spacing="trailing")
+        guidance, samples = guidance_table(
+            guided,
+            features,
+            x_reference,
+            scales=args.guidance_scales,
+            rescales=args.guidance_rescales,
+            num_steps=args.guidance_steps,
+            per_digit=args.per_digit,
+            seed=args.seed,
+        )
+        clock.lap("guidance")
+        results["guidance"] = guidance
+        files["guidance"] = "guidance_grid.png"
+        grid = guidance_grid_images(samples, args.guidance_scales, args.guidance_rescales)
+        ncols = 11 * len(args.guidance_rescales) - 1
+        write_png(out / files["guidance"], image_grid(to_unit_range(grid), ncols=ncols))
     bar.close()
-
-    files = {}
-    if eta0:
-        best = max(eta0)
-        grid = eta0[best][:100]
-        files["samples"] = f"samples_S{best}_eta0.png"
-        write_png(out / files["samples"], image_grid(to_unit_range(grid), ncols=10))
-        rows = np.concatenate([eta0[s][:10] for s in sorted(eta0)])
-        files["steps"] = "same_noise_by_steps.png"
-        write_png(out / files["steps"], image_grid(to_unit_range(rows), ncols=10))
-    files["real"] = "real_digits.png"
-    write_png(out / files["real"], image_grid(to_unit_range(digits.x_test[:100]), ncols=10))
-
-    markdown = tables_markdown(quality, recon)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    results = {
-        "quality": quality,
-        "reconstruction": recon,
-        "train_settings": settings.to_dict(),
-        "params_from_cache": cached,
-        "scheduler_config": settings.scheduler_config(args.clip_sample).to_dict(),
-        "seconds": {"train_or_load": train_time, "table1": t1 - t0, "table2": t2 - t1, "total": wall},
-        "cpu_seconds": cpu,
-        "cpu_count": os.cpu_count(),
-        "device": str(jax.devices()[0].platform),
-        "files": files,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    timing = (
-        f"\nSampler: ddim_jax.sample, linear betas, T = {settings.num_train_timesteps}, leading timesteps, "
-        f"clip_sample={args.clip_sample}; UNet channels {tuple(settings.channels)}, "
-        f"{settings.train_steps} training steps of batch {settings.batch_size}.\n"
-        f"Wall time {wall:.1f} s (denoiser {'loaded' if cached else 'training'} {train_time:.1f} s, "
-        f"Table 1 {t1 - t0:.1f} s, Table 2 {t2 - t1:.1f} s) on {results['device']} with "
-        f"{os.cpu_count()} cores; process CPU time {cpu:.1f} s.\n"
+    markdown.append(fixes_markdown(results.get("brightness"), results.get("guidance")))
+    clock.lap("images_and_metrics")
+    wall, cpu = clock.total()
+    results.update(
+        train_settings={name: s.to_dict() for name, s in needed.items()},
+        params_from_cache=cached,
+        seconds=dict(clock.wall, total=wall),
+        cpu_seconds=dict(clock.cpu, total=cpu),
+        cpu_count=os.cpu_count(),
+        device=str(jax.devices()[0].platform),
+        files=files,
     )
-    (out / "results.md").write_text(markdown + timing)
-    print(markdown + timing)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    split = ", ".join(f"{k} {clock.wall[k]:.1f} s ({clock.cpu[k]:.1f} s CPU)" for k in clock.wall)
+    timing = (
+        f"\nModels: UNet channels {tuple(epsilon.channels)}, {epsilon.train_steps} training steps of batch "
+        f"{epsilon.batch_size} each, scaled_linear betas (0.00085 to 0.012), "
+        f"T = {epsilon.num_train_timesteps}; "
+        f"sampling clip_sample={args.clip_sample} in part ddim, False elsewhere.\n"
+        f"Wall time {wall:.1f} s, process CPU time {cpu:.1f} s on {results['device']} with "
+        f"{os.cpu_count()} cores. Per part: {split}.\n"
+    )
+    text = "\n".join(m for m in markdown if m) + timing
+    (out / "results.md").write_text(text)
+    print(text)
     print(f"wrote {', '.join(str(out / f) for f in [*files.values(), 'results.md', 'results.json'])}")
     return results
+
+
+def _missing_demo_extra() -> list[str]:
+    """The pip names of the ``demo`` extra's packages that cannot be imported."""
+    missing = []
+    for module, package in _DEMO_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,6 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       ...
       SystemExit: 2
     """
+    missing = _missing_demo_extra()
+    if missing:
+        print(
+            f"ddim-jax: error: the demo needs the 'demo' extra (missing: {', '.join(missing)}); "
+            "install it with: pip install 'ddim_jax[demo]'",
+            file=sys.stderr,
+        )
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

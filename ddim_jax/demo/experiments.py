@@ -17,11 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddim_jax
-from ddim_jax.demo.data import to_unit_range
+from ddim_jax.demo.data import load_digits_split, to_unit_range
 from ddim_jax.demo.metrics import FeatureNet, feature_stats, frechet_distance
+from ddim_jax.demo.train import (
+    DEFAULT_CACHE_DIR,
+    NULL_LABEL,
+    TrainSettings,
+    denoiser_fn,
+    fixed_settings,
+    load_or_train,
+    make_model,
+)
 from ddim_jax.demo.unet import UNet
 
-__all__ = ["Sampler", "quality_table", "reconstruction_table", "tables_markdown"]
+__all__ = ["Sampler", "quality_table", "reconstruction_table", "tables_markdown", "trained_sampler"]
 
 
 class _StepBar:
@@ -33,6 +42,11 @@ class _StepBar:
     def start_cell(self) -> None:
         self.seen = 0
 
+    def resume(self) -> None:
+        """Leaves the time since the last update (a compile) out of the bar's rate and ETA."""
+        if self.bar is not None and hasattr(self.bar, "unpause"):
+            self.bar.unpause()
+
     def __call__(self, step_index: Any, timestep: Any, x0: Any) -> None:
         done = int(step_index) + 1
         advance = done - self.seen if done >= self.seen else done  # a new loop (invert, then sample)
@@ -42,18 +56,18 @@ class _StepBar:
 
 
 class Sampler:
-    """Jitted DDIM sampling and inversion for one model, compiled once per number of steps S.
+    """Jitted DDIM sampling and inversion of one (class-conditional) model, compiled once per S.
 
-    Params, noise, eta and keys are traced arguments, so new values reuse the program.
+    The model is called as `denoiser_fn`'s ``model_fn(x, t, params, labels)``. Params,
+    noise, labels, eta, keys, guidance scale and rescale are traced arguments, so new values
+    reuse the program: one compiled program per (kind, config, S, guided, shapes), compiled
+    ahead of the run so a progress bar's ETA leaves the compiler out.
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from ddim_jax import DDIMConfig
-      >>> from ddim_jax.demo.unet import UNet
-      >>> model = UNet(channels=(4,))
-      >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
-      >>> sampler = Sampler(model, params, DDIMConfig())
-      >>> x = sampler.sample(jnp.zeros((2, 8, 8, 1)), 3, 0.0, jax.random.key(1))
+      >>> from ddim_jax.demo.experiments import Sampler
+      >>> sampler = Sampler.untrained()  # class-conditional; labels default to NULL_LABEL
+      >>> x = sampler.sample(jnp.zeros((2, 8, 8, 1)), 3, 0.0, jax.random.key(1), labels=jnp.array([3, 7]))
       >>> x.shape, sampler.reconstruct(x, 3).shape
       ((2, 8, 8, 1), (2, 8, 8, 1))
     """
@@ -64,31 +78,80 @@ class Sampler:
 
     @classmethod
     def untrained(cls, channels: Sequence[int] = (4,), config: ddim_jax.DDIMConfig | None = None) -> Sampler:
-        """A sampler on an untrained UNet with all-zero parameters, for examples and smoke tests
-        (the parameters come from ``jax.eval_shape``: nothing is initialized or trained).
+        """A sampler on an untrained class-conditional UNet with all-zero parameters, for examples
+        and smoke tests (the parameters come from ``jax.eval_shape``: nothing is trained).
 
         Example:
           >>> Sampler.untrained().config.num_train_timesteps
           1000
         """
-        model = UNet(channels=tuple(channels))
-        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0))
-        return cls(model, jax.tree.map(jnp.zeros_like, shapes), config or ddim_jax.DDIMConfig())
+        model = make_model(TrainSettings(channels=tuple(channels)))
+        params = jax.tree.map(jnp.zeros_like, _param_shapes(model))
+        return cls(model, params, config or ddim_jax.DDIMConfig())
 
-    def sample(self, x_T: jax.Array, num_steps: int, eta: float, key: jax.Array) -> np.ndarray:
-        """Denoises ``x_T`` with S = ``num_steps`` DDIM steps; returns images in [-1, 1].
+    def with_config(self, config: ddim_jax.DDIMConfig) -> Sampler:
+        """The same model and parameters, sampled with another config (e.g. another spacing).
+
+        Example:
+          >>> import ddim_jax
+          >>> trailing = ddim_jax.DDIMConfig(timestep_spacing="trailing")
+          >>> Sampler.untrained().with_config(trailing).config.timestep_spacing
+          'trailing'
+        """
+        return Sampler(self.model, self.params, config, _PROGRESS.bar)
+
+    def _labels(self, labels: Any, batch: int) -> jax.Array | None:
+        if self.model.num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels were given, but the model is not class-conditional (num_classes=0)")
+            return None
+        if labels is None:
+            return jnp.full((batch,), NULL_LABEL, jnp.int32)
+        labels = np.asarray(labels)
+        if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be ints of shape ({batch},), got {labels.dtype} {labels.shape}")
+        if labels.min() < 0 or labels.max() > NULL_LABEL:
+            raise ValueError(f"labels must be in [0, {NULL_LABEL}] ({NULL_LABEL}: no class), got {labels}")
+        return jnp.asarray(labels, jnp.int32)
+
+    def _run(self, kind: str, num_steps: int, *args: Any) -> np.ndarray:
+        program = _compiled(kind, self.model, self.config, num_steps, args)
+        _PROGRESS.start_cell()
+        return np.asarray(jax.block_until_ready(program(self.params, *args)))
+
+    def sample(
+        self,
+        x_T: jax.Array,
+        num_steps: int,
+        eta: float,
+        key: jax.Array,
+        labels: Any = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+    ) -> np.ndarray:
+        """Denoises ``x_T`` with S = ``num_steps`` DDIM steps; returns images (about [-1, 1]).
+
+        ``labels``: the digit per example, or None for `NULL_LABEL` (unconditional). With
+        ``guidance_scale`` w, classifier-free guidance ``uncond + w (cond - uncond)`` and
+        ``guidance_rescale`` phi (Lin et al. Alg. 2); ``guidance_scale=None`` costs one model
+        call per step, guidance two.
 
         Example:
           >>> import jax, jax.numpy as jnp
           >>> sampler = Sampler.untrained()
-          >>> sampler.sample(jnp.ones((2, 8, 8, 1)), 3, 1.0, jax.random.key(1)).shape
+          >>> sampler.sample(jnp.ones((2, 8, 8, 1)), 3, 1.0, jax.random.key(1), [0, 9], 7.5, 0.7).shape
           (2, 8, 8, 1)
         """
-        run = _compiled("sample", self.model, self.config, num_steps)
-        _PROGRESS.start_cell()
-        return np.asarray(jax.block_until_ready(run(self.params, jnp.asarray(x_T), jnp.float32(eta), key)))
+        x_T = jnp.asarray(x_T, jnp.float32)
+        labels = self._labels(labels, x_T.shape[0])
+        if guidance_scale is None:
+            return self._run("sample", num_steps, x_T, jnp.float32(eta), key, labels)
+        if labels is None:
+            raise ValueError("guidance_scale needs a class-conditional model (num_classes > 0)")
+        w, phi = jnp.float32(guidance_scale), jnp.float32(guidance_rescale)
+        return self._run("guided", num_steps, x_T, jnp.float32(eta), key, labels, w, phi)
 
-    def reconstruct(self, x0: jax.Array, num_steps: int) -> np.ndarray:
+    def reconstruct(self, x0: jax.Array, num_steps: int, labels: Any = None) -> np.ndarray:
         """Encodes ``x0`` with `ddim_jax.invert` and decodes it with eta = 0 sampling, S steps each.
 
         Example:
@@ -96,45 +159,95 @@ class Sampler:
           >>> Sampler.untrained().reconstruct(jnp.zeros((2, 8, 8, 1)), 3).shape
           (2, 8, 8, 1)
         """
-        run = _compiled("reconstruct", self.model, self.config, num_steps)
-        _PROGRESS.start_cell()
-        return np.asarray(jax.block_until_ready(run(self.params, jnp.asarray(x0))))
+        x0 = jnp.asarray(x0, jnp.float32)
+        return self._run("reconstruct", num_steps, x0, self._labels(labels, x0.shape[0]))
 
 
 _PROGRESS = _StepBar(None)  # one host-side progress sink, so compiled loops are shared by all Samplers
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(kind: str, model: UNet, config: ddim_jax.DDIMConfig, num_steps: int) -> Any:
-    """The jitted loop for (model, config, S); cached so repeated demo runs in one process reuse it."""
-    state = ddim_jax.set_timesteps(ddim_jax.create_state(config), num_steps)
+def _signature(args: tuple) -> tuple:
+    return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape"))
 
-    def model_fn(x, t, params):
-        return model.apply(params, x, t)
+
+def _compiled(kind: str, model: UNet, config: ddim_jax.DDIMConfig, num_steps: int, args: tuple) -> Any:
+    """The compiled loop for (kind, model, config, S, argument shapes); memoised per process."""
+    cache_key = (kind, model, config, num_steps, _signature(args), jax.tree.structure(args))
+    if cache_key not in _PROGRAMS:
+        run = _loop(kind, model, config, num_steps)
+        _PROGRAMS[cache_key] = jax.jit(run).lower(_param_shapes(model), *args).compile()
+        _PROGRESS.resume()
+    return _PROGRAMS[cache_key]
+
+
+_PROGRAMS: dict[tuple, Any] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(model: UNet) -> Any:
+    labels = jnp.zeros(1, jnp.int32) if model.num_classes else None
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0), None, labels)
+
+
+def _loop(kind: str, model: UNet, config: ddim_jax.DDIMConfig, num_steps: int) -> Any:
+    state = ddim_jax.set_timesteps(ddim_jax.create_state(config), num_steps)
+    model_fn = denoiser_fn(model)
+    every = max(1, num_steps // (20 if kind != "reconstruct" else 10))
+    progress = {"callback": _PROGRESS, "callback_every": every}
 
     if kind == "sample":
-        every = max(1, num_steps // 20)
 
-        def run(params, x_T, eta, key):
+        def run(params, x_T, eta, key, labels):
             return ddim_jax.sample(
-                model_fn,
-                state,
-                x_T,
-                key=key,
-                eta=eta,
-                model_args=(params,),
-                callback=_PROGRESS,
-                callback_every=every,
+                model_fn, state, x_T, key=key, eta=eta, model_args=(params, labels), **progress
             )
 
-    else:
-        every = max(1, num_steps // 10)
+    elif kind == "guided":
 
-        def run(params, x0):
-            args = {"model_args": (params,), "callback": _PROGRESS, "callback_every": every}
+        def run(params, x_T, eta, key, labels, w, phi):
+            both = jnp.concatenate([jnp.full_like(labels, NULL_LABEL), labels])  # [uncond, cond]
+            args = {"model_args": (params, both), "guidance_scale": w, "guidance_rescale": phi}
+            return ddim_jax.sample(model_fn, state, x_T, key=key, eta=eta, **args, **progress)
+
+    else:
+
+        def run(params, x0, labels):
+            args = {"model_args": (params, labels), **progress}
             return ddim_jax.sample(model_fn, state, ddim_jax.invert(model_fn, state, x0, **args), **args)
 
-    return jax.jit(run)
+    return run
+
+
+def trained_sampler(
+    settings: TrainSettings | None = None,
+    cache_dir: str | None = DEFAULT_CACHE_DIR,
+    *,
+    progress: bool = True,
+    **sampling: Any,
+) -> Sampler:
+    """A `Sampler` on the trained class-conditional digits model (cached by ``ddim-jax demo``, else trained).
+
+    ``settings`` defaults to the demo's zero-terminal-SNR v-prediction model (Lin et al.'s
+    fixed setting); ``sampling`` are sampling-only config fields (default: trailing spacing).
+    Its model is `denoiser_fn`'s ``model_fn(x, t, params, labels)`` with ``labels`` 0-9 or
+    `NULL_LABEL`; ``sampler.model``, ``sampler.params`` and ``sampler.config`` give it to
+    `ddim_jax.invert` / `ddim_jax.sample` directly (e.g. invert a digit under its own label,
+    then sample under another).
+
+    Example (tiny settings, not cached):
+      >>> import jax
+      >>> from ddim_jax.demo.train import TrainSettings
+      >>> tiny = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
+      >>> sampler = trained_sampler(tiny, cache_dir=None, progress=False)
+      >>> x_T = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+      >>> sampler.sample(x_T, 5, 0.0, jax.random.key(1), labels=[3, 4]).shape
+      (2, 8, 8, 1)
+    """
+    settings = settings or fixed_settings(TrainSettings())
+    sampling = sampling or ({"timestep_spacing": "trailing"} if settings.rescale_betas_zero_snr else {})
+    digits = load_digits_split()
+    params, _ = load_or_train(settings, digits.x_train, digits.y_train, cache_dir, progress=progress)
+    return Sampler(make_model(settings), params, settings.scheduler_config(**sampling))
 
 
 def quality_table(

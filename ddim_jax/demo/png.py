@@ -1,53 +1,36 @@
-"""A dependency-free PNG writer (zlib) and an image-grid helper."""
+"""Image grids for the demo, written as PNG files through Pillow."""
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 
 import numpy as np
 
 __all__ = ["write_png", "image_grid"]
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
-
 
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Writes an 8-bit grayscale ``(H, W)`` or RGB ``(H, W, 3)`` uint8 image as a PNG file.
+    """Writes an 8-bit grayscale ``(H, W)`` or RGB ``(H, W, 3)`` uint8 image as a PNG file (Pillow).
 
     Example:
       >>> import os, tempfile, numpy as np
+      >>> from PIL import Image
       >>> from ddim_jax.demo.png import write_png
       >>> path = os.path.join(tempfile.mkdtemp(), "x.png")
       >>> write_png(path, np.zeros((4, 6), np.uint8))
-      >>> open(path, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
-      True
+      >>> Image.open(path).size, Image.open(path).mode
+      ((6, 4), 'L')
     """
+    from PIL import Image
+
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise TypeError(f"image must be uint8, got dtype {image.dtype}")
-    if image.ndim == 2:
-        color_type = 0
-    elif image.ndim == 3 and image.shape[2] == 3:
-        color_type = 2
-    else:
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
         raise ValueError(f"image must have shape (H, W) or (H, W, 3), got {image.shape}")
-    height, width = image.shape[:2]
-    if height < 1 or width < 1:
+    if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image must be non-empty, got shape {image.shape}")
-    rows = image.reshape(height, -1)
-    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(height))  # filter type 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    with open(path, "wb") as f:
-        f.write(PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)))
-        f.write(_chunk(b"IEND", b""))
+    Image.fromarray(image, "L" if image.ndim == 2 else "RGB").save(path, format="PNG", optimize=True)
 
 
 def image_grid(images: np.ndarray, ncols: int, scale: int = 4, pad: int = 1) -> np.ndarray:

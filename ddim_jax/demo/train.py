@@ -1,8 +1,15 @@
-"""Training the digits denoiser with optax, and the on-disk parameter cache keyed by the settings."""
+"""Training the class-conditional digits denoiser with optax, and the parameter cache keyed by the settings.
+
+The model is called as ``model_fn(x, t, params, labels)`` (`denoiser_fn`): ``labels`` are the
+digits 0-9, or `NULL_LABEL` (10) for "no class", which training uses with probability
+``label_dropout`` so that the one network also gives the unconditional prediction that
+classifier-free guidance needs. Training images get a random brightness (`vary_brightness`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -15,11 +22,28 @@ import numpy as np
 import optax
 
 import ddim_jax
+from ddim_jax.demo.data import vary_brightness
 from ddim_jax.demo.unet import UNet
 
-__all__ = ["TrainSettings", "make_model", "train_denoiser", "load_or_train", "cache_path"]
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "NULL_LABEL",
+    "NUM_CLASSES",
+    "TrainSettings",
+    "cache_path",
+    "denoiser_fn",
+    "fixed_settings",
+    "load_or_train",
+    "make_model",
+    "train_denoiser",
+]
 
-_CACHE_VERSION = 2  # bump when the training code changes what a given set of settings produces
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ddim_jax")
+NUM_CLASSES = 10
+NULL_LABEL = NUM_CLASSES
+"""The "no class" label: the unconditional branch of classifier-free guidance."""
+
+_CACHE_VERSION = 3  # bump when the training code changes what a given set of settings produces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +57,12 @@ class TrainSettings:
       learning_rate: peak learning rate (linear warmup, cosine decay).
       ema_decay: decay of the parameter moving average that is kept and sampled from.
       seed: seed of the initialisation and the training noise.
-      num_train_timesteps: T of the DDPM noise schedule (linear betas 1e-4 .. 0.02).
+      num_train_timesteps: T of the noise schedule.
+      prediction_type: what the network predicts, ``"epsilon"`` or ``"v_prediction"``.
+      rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (Lin et al. 2023).
+      label_dropout: probability of training with `NULL_LABEL` instead of the digit.
+
+    The noise schedule is Stable Diffusion's: ``scaled_linear`` betas from 0.00085 to 0.012.
 
     Example:
       >>> from ddim_jax.demo.train import TrainSettings
@@ -42,12 +71,15 @@ class TrainSettings:
     """
 
     channels: tuple[int, ...] = (16, 32)
-    train_steps: int = 3000
+    train_steps: int = 2000
     batch_size: int = 64
     learning_rate: float = 2e-3
     ema_decay: float = 0.995
     seed: int = 0
     num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("train_steps", "batch_size", "num_train_timesteps"):
@@ -64,20 +96,37 @@ class TrainSettings:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            )
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
 
-    def scheduler_config(self, clip_sample: bool = False) -> ddim_jax.DDIMConfig:
-        """The DDIM config the model is trained and sampled with (epsilon prediction).
+    def scheduler_config(self, clip_sample: bool = False, **sampling: object) -> ddim_jax.DDIMConfig:
+        """The DDIM config of the training schedule, plus sampling-only settings.
 
-        ``clip_sample`` only affects sampling. It is off by default: clipping x0 at every step
-        (diffusers' default) measurably breaks fine-step eta = 0 sampling and inversion here.
+        ``clip_sample`` and ``sampling`` (e.g. ``timestep_spacing="trailing"``,
+        ``steps_offset=1``) only affect sampling. ``clip_sample`` is off by default: clipping
+        x0 at every step (diffusers' default) measurably breaks fine-step eta = 0 sampling
+        and inversion here.
 
         Example:
           >>> from ddim_jax.demo.train import TrainSettings
           >>> s = TrainSettings()
-          >>> s.scheduler_config().clip_sample, s.scheduler_config(clip_sample=True).clip_sample
-          (False, True)
+          >>> s.scheduler_config().clip_sample, s.scheduler_config(timestep_spacing="trailing").beta_end
+          (False, 0.012)
         """
-        return ddim_jax.DDIMConfig(num_train_timesteps=self.num_train_timesteps, clip_sample=clip_sample)
+        return ddim_jax.DDIMConfig(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type=self.prediction_type,
+            rescale_betas_zero_snr=self.rescale_betas_zero_snr,
+            clip_sample=clip_sample,
+            **sampling,
+        )
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict, plus the cache format ``version``.
@@ -100,41 +149,151 @@ class TrainSettings:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def fixed_settings(settings: TrainSettings) -> TrainSettings:
+    """``settings`` with Lin et al.'s training fixes: zero terminal SNR and v-prediction.
+
+    Example:
+      >>> from ddim_jax.demo.train import TrainSettings, fixed_settings
+      >>> s = fixed_settings(TrainSettings())
+      >>> s.prediction_type, s.rescale_betas_zero_snr, s.scheduler_config().rescale_betas_zero_snr
+      ('v_prediction', True, True)
+    """
+    return dataclasses.replace(settings, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+
+
 def make_model(settings: TrainSettings) -> UNet:
-    """The UNet for 8x8 one-channel digits (one norm group: measured ~25% cheaper on CPU than 8).
+    """The class-conditional UNet for 8x8 one-channel digits (one norm group: ~25% cheaper on CPU than 8).
 
     Example:
       >>> from ddim_jax.demo.train import TrainSettings, make_model
-      >>> make_model(TrainSettings()).channels
-      (16, 32)
+      >>> make_model(TrainSettings()).channels, make_model(TrainSettings()).num_classes
+      ((16, 32), 10)
     """
-    return UNet(channels=tuple(settings.channels), in_channels=1, out_channels=1, num_groups=1)
+    return UNet(
+        channels=tuple(settings.channels),
+        in_channels=1,
+        out_channels=1,
+        num_groups=1,
+        num_classes=NUM_CLASSES,
+    )
+
+
+def denoiser_fn(model: UNet):
+    """``model_fn(x, t, params, labels)`` for `ddim_jax.sample` / `ddim_jax.invert`.
+
+    Pass ``model_args=(params, labels)``: both stay traced under ``jax.jit``. ``labels`` are
+    ints ``(B,)`` in 0-9, or `NULL_LABEL` for an unconditional prediction. With
+    ``guidance_scale`` the loop calls it on the doubled batch, so pass
+    ``labels = concat([full(B, NULL_LABEL), digits])``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import ddim_jax
+      >>> from ddim_jax.demo.train import NULL_LABEL, TrainSettings, denoiser_fn, make_model
+      >>> model = make_model(TrainSettings(channels=(4,)))
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), 0, None, jnp.array([NULL_LABEL]))
+      >>> state = ddim_jax.set_timesteps(ddim_jax.create_state(TrainSettings().scheduler_config()), 5)
+      >>> digits = jnp.array([3, 7])
+      >>> labels = jnp.concatenate([jnp.full(2, NULL_LABEL), digits])  # [uncond, cond]
+      >>> ddim_jax.sample(denoiser_fn(model), state, jnp.zeros((2, 8, 8, 1)), model_args=(params, labels),
+      ...                 guidance_scale=3.0).shape
+      (2, 8, 8, 1)
+    """
+
+    def model_fn(x, t, params, labels):
+        return model.apply(params, x, t, labels=labels)
+
+    return model_fn
 
 
 def train_denoiser(
-    settings: TrainSettings, x_train: np.ndarray, *, progress: bool = True, log_every: int = 50
+    settings: TrainSettings,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    progress: bool = True,
+    log_every: int = 50,
 ):
-    """Trains the epsilon-prediction UNet on ``x_train`` (NHWC in [-1, 1]); returns the EMA params.
+    """Trains the class-conditional UNet on ``x_train`` (NHWC in [-1, 1]) and its labels; returns EMA params.
 
-    The loss is the DDPM one: ``|eps - model(add_noise(x0, eps, t), t)|^2`` with ``t``
-    uniform in [0, T); the progress bar shows the loss every ``log_every`` steps.
+    Each step draws a batch, gives every image a random brightness (`vary_brightness`),
+    replaces its label by `NULL_LABEL` with probability ``label_dropout``, and takes the
+    DDPM loss ``|target - model(add_noise(x0, eps, t), t, label)|^2`` with ``t`` uniform in
+    [0, T) and ``target`` eps or v (`ddim_jax.get_velocity`) per ``prediction_type``. The
+    progress bar shows the loss every ``log_every`` steps.
 
     Example:
       >>> from ddim_jax.demo.data import load_digits_split
       >>> from ddim_jax.demo.train import TrainSettings, train_denoiser
-      >>> settings = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
-      >>> params = train_denoiser(settings, load_digits_split().x_train, progress=False)
+      >>> settings = TrainSettings(channels=(4,), train_steps=2, batch_size=4, prediction_type="v_prediction")
+      >>> d = load_digits_split()
+      >>> params = train_denoiser(settings, d.x_train, d.y_train, progress=False)
       >>> sorted(params)
       ['params']
     """
     from tqdm.auto import tqdm
 
-    model = make_model(settings)
-    state = ddim_jax.create_state(settings.scheduler_config())
     data = jnp.asarray(x_train, jnp.float32)
+    labels = jnp.asarray(y_train, jnp.int32)
+    if labels.shape != data.shape[:1]:
+        raise ValueError(
+            f"y_train must have shape ({data.shape[0]},) like x_train's batch, got {labels.shape}"
+        )
     key = jax.random.key(settings.seed)
     init_key, key = jax.random.split(key)
-    params = jax.jit(model.init)(init_key, data[:1], jnp.zeros((), jnp.int32))
+    params = _init_params(make_model(settings), init_key)
+    run_step, opt = _train_step(
+        dataclasses.replace(settings, prediction_type="epsilon", rescale_betas_zero_snr=False, seed=0),
+        data.shape,
+    )
+    carry = (params, opt.init(params), jax.tree.map(jnp.copy, params))  # distinct buffers: donated
+    tables = _loss_tables(settings)
+    keys = jax.random.split(key, settings.train_steps)
+    name = (
+        f"train {settings.prediction_type}{' zero-SNR' if settings.rescale_betas_zero_snr else ''} denoiser"
+    )
+    bar = tqdm(total=settings.train_steps, desc=name, unit="step", disable=not progress)
+    for i in range(settings.train_steps):
+        carry, loss = run_step(carry, keys[i], data, labels, tables)
+        if (i + 1) % log_every == 0 or i + 1 == settings.train_steps:
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    ema = carry[2] if settings.train_steps > 1 else carry[0]
+    return jax.device_get(ema)
+
+
+def _init_params(model: UNet, key: jax.Array):
+    return _jitted_init(model)(
+        key, jnp.zeros((1, 8, 8, 1)), jnp.zeros((), jnp.int32), None, jnp.zeros(1, jnp.int32)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: UNet):
+    return jax.jit(model.init)
+
+
+def _loss_tables(settings: TrainSettings) -> tuple[jax.Array, ...]:
+    """Per-timestep weights of the forward process and of the target, from the schedule.
+
+    ``x_t = a[t] x0 + b[t] eps`` (`ddim_jax.add_noise`), ``target = c[t] eps + d[t] x0``: eps
+    is (1, 0), v is (a, -b) (`ddim_jax.get_velocity`). As arrays, one compiled training step
+    serves every schedule and prediction type.
+    """
+    ab = np.asarray(ddim_jax.create_state(settings.scheduler_config()).alphas_cumprod, np.float64)
+    a, b = np.sqrt(ab), np.sqrt(1.0 - ab)
+    if settings.prediction_type == "v_prediction":
+        c, d = a, -b
+    else:
+        c, d = np.ones_like(a), np.zeros_like(a)
+    return tuple(jnp.asarray(v, jnp.float32) for v in (a, b, c, d))
+
+
+@functools.lru_cache(maxsize=4)
+def _train_step(settings: TrainSettings, data_shape: tuple[int, ...]):
+    """The compiled training step for ``settings`` (whose schedule and prediction type come in as tables)."""
+    model = make_model(settings)
     warmup = min(200, max(1, settings.train_steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
@@ -144,19 +303,23 @@ def train_denoiser(
         settings.learning_rate / 20,
     )
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    carry = (params, opt.init(params), jax.tree.map(jnp.copy, params))  # distinct buffers: donated
 
-    def loss_fn(p, x0, t, noise):
-        xt = ddim_jax.add_noise(state, x0, noise, t)
-        return jnp.mean((model.apply(p, xt, t) - noise) ** 2)
+    def loss_fn(p, x0, y, t, noise, tables):
+        a, b, c, d = (v[t][:, None, None, None] for v in tables)
+        xt = a * x0 + b * noise
+        target = c * noise + d * x0
+        return jnp.mean((model.apply(p, xt, t, labels=y) - target) ** 2)
 
-    def train_step(carry, step_key):
+    def train_step(carry, step_key, data, labels, tables):
         p, s, ema = carry
-        k_idx, k_t, k_noise = jax.random.split(step_key, 3)
-        x0 = data[jax.random.randint(k_idx, (settings.batch_size,), 0, data.shape[0])]
+        k_idx, k_bright, k_drop, k_t, k_noise = jax.random.split(step_key, 5)
+        idx = jax.random.randint(k_idx, (settings.batch_size,), 0, data.shape[0])
+        x0 = vary_brightness(data[idx], k_bright)
+        drop = jax.random.bernoulli(k_drop, settings.label_dropout, (settings.batch_size,))
+        y = jnp.where(drop, NULL_LABEL, labels[idx])
         t = jax.random.randint(k_t, (settings.batch_size,), 0, settings.num_train_timesteps)
         noise = jax.random.normal(k_noise, x0.shape)
-        loss, grads = jax.value_and_grad(loss_fn)(p, x0, t, noise)
+        loss, grads = jax.value_and_grad(loss_fn)(p, x0, y, t, noise, tables)
         updates, s = opt.update(grads, s, p)
         p = optax.apply_updates(p, updates)
         ema = jax.tree.map(lambda e, q: settings.ema_decay * e + (1 - settings.ema_decay) * q, ema, p)
@@ -164,17 +327,17 @@ def train_denoiser(
 
     # A Python loop of one jitted step: on XLA:CPU a lax.scan over these steps measured ~16x slower
     # (backward convolutions inside a loop body), while DDIM sampling's scan runs at full speed.
-    run_step = jax.jit(train_step, donate_argnums=0)
-    keys = jax.random.split(key, settings.train_steps)
-    bar = tqdm(total=settings.train_steps, desc="train denoiser", unit="step", disable=not progress)
-    for i in range(settings.train_steps):
-        carry, loss = run_step(carry, keys[i])
-        if (i + 1) % log_every == 0 or i + 1 == settings.train_steps:
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-        bar.update(1)
-    bar.close()
-    ema = carry[2] if settings.train_steps > 1 else carry[0]
-    return jax.device_get(ema)
+    # Compiled here, before any progress bar starts, so its rate and ETA are the steps' own.
+    params = jax.eval_shape(functools.partial(_init_params, model), jax.random.key(0))
+    carry = (params, jax.eval_shape(opt.init, params), params)
+    abstract = (
+        carry,
+        jax.eval_shape(lambda: jax.random.key(0)),
+        jax.ShapeDtypeStruct(data_shape, jnp.float32),
+        jax.ShapeDtypeStruct(data_shape[:1], jnp.int32),
+        (jax.ShapeDtypeStruct((settings.num_train_timesteps,), jnp.float32),) * 4,
+    )
+    return jax.jit(train_step, donate_argnums=0).lower(*abstract).compile(), opt
 
 
 def cache_path(settings: TrainSettings, cache_dir: str | os.PathLike[str]) -> Path:
@@ -191,6 +354,7 @@ def cache_path(settings: TrainSettings, cache_dir: str | os.PathLike[str]) -> Pa
 def load_or_train(
     settings: TrainSettings,
     x_train: np.ndarray,
+    y_train: np.ndarray,
     cache_dir: str | os.PathLike[str] | None,
     *,
     progress: bool = True,
@@ -206,12 +370,12 @@ def load_or_train(
       >>> from ddim_jax.demo.data import load_digits_split
       >>> from ddim_jax.demo.train import TrainSettings, load_or_train
       >>> s = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
-      >>> d, x = tempfile.mkdtemp(), load_digits_split().x_train
-      >>> [load_or_train(s, x, d, progress=False)[1] for _ in range(2)]
+      >>> d, digits = tempfile.mkdtemp(), load_digits_split()
+      >>> [load_or_train(s, digits.x_train, digits.y_train, d, progress=False)[1] for _ in range(2)]
       [False, True]
     """
     model = make_model(settings)
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.int32(0)))
+    template = jax.eval_shape(functools.partial(_init_params, model), jax.random.key(0))
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
     path = None if cache_dir is None else cache_path(settings, cache_dir)
     if path is not None and path.is_file():
@@ -219,7 +383,7 @@ def load_or_train(
             return flax.serialization.from_bytes(template, path.read_bytes()), True
         except (ValueError, KeyError, TypeError):  # a corrupt or incompatible file: retrain
             pass
-    params = train_denoiser(settings, x_train, progress=progress)
+    params = train_denoiser(settings, x_train, y_train, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -52,7 +52,7 @@ class _ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """A UNet-style denoiser ``model.apply(params, x, t, cond=None)`` on NHWC images.
+    """A UNet-style denoiser ``model.apply(params, x, t, cond=None, labels=None)`` on NHWC images.
 
     Each level of ``channels`` has ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3
     convs, the time embedding added in between); levels after the first halve the
@@ -67,6 +67,9 @@ class UNet(nn.Module):
       num_res_blocks: residual blocks per level in the encoder (the decoder has one more).
       emb_dim: width of the time (and conditioning) embedding.
       num_groups: GroupNorm groups (reduced to a divisor of the channel count).
+      num_classes: with ``num_classes = K > 0`` the model is class-conditional: it takes
+        ``labels`` in ``[0, K]``, where ``K`` itself is the null label ("no class"), the
+        unconditional branch of classifier-free guidance. 0: no labels.
       zero_init: zero-initialise the last conv of each residual block and the output conv
         (a common training trick: a fresh model then predicts 0). Set False for a random
         model that is not a no-op, e.g. to exercise a sampling loop without weights.
@@ -77,6 +80,8 @@ class UNet(nn.Module):
       cond: optional conditioning embedding, ``(B, D)`` or ``(B, L, D)`` (token sequence,
         mean-pooled); projected to ``emb_dim`` and added to the time embedding. A model
         initialised with ``cond`` must be applied with it, and vice versa.
+      labels: int class labels ``(B,)`` (or a scalar), required iff ``num_classes > 0``;
+        a learned embedding of the label is added to the time embedding.
 
     Returns:
       ``(B, H, W, out_channels)`` float32.
@@ -89,6 +94,10 @@ class UNet(nn.Module):
       >>> params = jax.jit(model.init)(jax.random.key(0), x, jnp.array(10), text)
       >>> jax.jit(model.apply)(params, x, jnp.array([10, 500]), text).shape
       (2, 8, 8, 4)
+      >>> digits = UNet(channels=(8,), num_classes=10)  # labels 0-9, and 10 = null label
+      >>> params = jax.jit(digits.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), 0, None, jnp.array([10]))
+      >>> digits.apply(params, jnp.zeros((2, 8, 8, 1)), 500, labels=jnp.array([3, 10])).shape
+      (2, 8, 8, 1)
     """
 
     channels: tuple[int, ...] = (32, 64)
@@ -97,10 +106,13 @@ class UNet(nn.Module):
     num_res_blocks: int = 1
     emb_dim: int = 128
     num_groups: int = 8
+    num_classes: int = 0
     zero_init: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None, labels: jax.Array | None = None
+    ) -> jax.Array:
         if not self.channels or any(int(c) < 1 for c in self.channels):
             raise ValueError(f"channels must be a non-empty tuple of positive ints, got {self.channels!r}")
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -128,6 +140,19 @@ class UNet(nn.Module):
             if cond.ndim != 2 or cond.shape[0] != batch:
                 raise ValueError(f"cond must have shape (B, D) or (B, L, D) with B={batch}, got {cond.shape}")
             emb = emb + nn.Dense(self.emb_dim, name="cond_proj")(cond)
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError(
+                f"labels must be given iff num_classes > 0; num_classes={self.num_classes}, "
+                f"labels {'missing' if labels is None else 'given'}"
+            )
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape not in ((), (batch,)):
+                raise ValueError(
+                    f"labels must be ints of shape () or (B,) = ({batch},), got {labels.dtype} {labels.shape}"
+                )
+            labels = jnp.broadcast_to(labels, (batch,))
+            emb = emb + nn.Embed(self.num_classes + 1, self.emb_dim, name="label_embed")(labels)
 
         h = nn.Conv(self.channels[0], (3, 3))(jnp.asarray(x, jnp.float32))
         skips = [h]
