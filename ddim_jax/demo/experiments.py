@@ -22,6 +22,7 @@ from ddim_jax.demo.metrics import FeatureNet, feature_stats, frechet_distance
 from ddim_jax.demo.train import (
     DEFAULT_CACHE_DIR,
     NULL_LABEL,
+    NUM_CLASSES,
     TrainSettings,
     denoiser_fn,
     fixed_settings,
@@ -250,6 +251,17 @@ def trained_sampler(
     return Sampler(make_model(settings), params, settings.scheduler_config(**sampling))
 
 
+def balanced_labels(num_samples: int) -> np.ndarray:
+    """Labels 0, 1, ..., 9, 0, 1, ...: the ten digits in equal shares, for tables that score
+    samples against all digits (conditional sampling without guidance, w = 1).
+
+    Example:
+      >>> balanced_labels(12).tolist()
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    """
+    return np.arange(num_samples) % NUM_CLASSES
+
+
 def quality_table(
     sampler: Sampler,
     features: FeatureNet,
@@ -263,8 +275,9 @@ def quality_table(
 ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
     """Table 1: FCD of ``num_samples`` DDIM samples to the reference digits per (eta, S).
 
-    All cells start from the same x_T (common random numbers), so differences between
-    cells come from the sampler, not from the draw. The floor is the FCD of
+    Samples are class-conditional without guidance, the ten digits in equal shares
+    (`balanced_labels`). All cells start from the same x_T (common random numbers), so
+    differences between cells come from the sampler, not from the draw. The floor is the FCD of
     ``num_samples`` real held-out digits (same sample size, so the same estimator bias).
 
     Returns:
@@ -285,13 +298,14 @@ def quality_table(
     floor = frechet_distance(ref, feature_stats(features.features(x_real_test[:n_floor])))
     key = jax.random.key(seed)
     x_T = jax.random.normal(jax.random.fold_in(key, 0), (num_samples, 8, 8, 1), jnp.float32)
+    labels = balanced_labels(num_samples)
     rows: dict[str, dict[str, float]] = {}
     eta0: dict[int, np.ndarray] = {}
     for eta in etas:
         row = {}
         for s in steps:
             cell_key = jax.random.fold_in(jax.random.fold_in(key, 1 + s), int(round(eta * 1000)))
-            images = sampler.sample(x_T, s, eta, cell_key)
+            images = sampler.sample(x_T, s, eta, cell_key, labels=labels)
             row[str(s)] = frechet_distance(ref, feature_stats(features.features(images)))
             if eta == 0:
                 eta0[s] = images

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax.demo.data import mean_brightness
-from ddim_jax.demo.experiments import Sampler
+from ddim_jax.demo.experiments import Sampler, balanced_labels
 from ddim_jax.demo.metrics import (
     FeatureNet,
     feature_stats,
@@ -50,9 +50,10 @@ def brightness_table(
     num_samples: int,
     seed: int,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Per sampler and S: the per-image brightness of unconditional samples against real data's.
+    """Per sampler and S: the per-image brightness of samples against real data's.
 
-    Every cell decodes the same ``num_samples`` x_T at eta = 0 with the null label. Columns:
+    Every cell decodes the same ``num_samples`` x_T at eta = 0, class-conditional without
+    guidance, the ten digits in equal shares (`balanced_labels`). Columns:
     the 1-D Wasserstein distance between the samples' and the held-out data's per-image
     mean brightness ([0, 1] scale, `mean_brightness`), the ratio of their standard
     deviations (1 is right; below 1 the samples are too uniformly gray), the mean
@@ -77,12 +78,13 @@ def brightness_table(
     real = mean_brightness(x_real_test)
     floor = mean_brightness(x_reference[:num_samples])
     x_T = jax.random.normal(jax.random.key(seed), (num_samples, 8, 8, 1), jnp.float32)
+    labels = balanced_labels(num_samples)
     configs: dict[str, dict[str, dict[str, float]]] = {}
     last: dict[str, np.ndarray] = {}
     for name, sampler in samplers.items():
         row = {}
         for s in steps:
-            images = sampler.sample(x_T, s, 0.0, jax.random.key(seed))
+            images = sampler.sample(x_T, s, 0.0, jax.random.key(seed), labels=labels)
             bright = mean_brightness(images)
             row[str(s)] = {
                 "w1": wasserstein_1d(bright, real),
