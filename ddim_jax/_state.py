@@ -183,15 +183,12 @@ def _check_max_steps(config: DDIMConfig, max_steps: object) -> int:
 
 def _runtime_count(num_steps: object, max_steps: int) -> jax.Array:
     """The step count as an int32 scalar; a Python-known value is range-checked here."""
-    dtype = getattr(num_steps, "dtype", None)
-    is_int = isinstance(num_steps, int) or (
-        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(num_steps) == 0
-    )
-    traced = isinstance(num_steps, jax.core.Tracer)
-    if isinstance(num_steps, bool) or not is_int or (not traced and not 1 <= int(num_steps) <= max_steps):
-        shown = f"a traced {dtype}[{','.join(map(str, jnp.shape(num_steps)))}]" if traced else repr(num_steps)
+    from ddim_jax._checks import is_int_scalar, shown  # (_checks imports this module)
+
+    known = not isinstance(num_steps, jax.core.Tracer)
+    if not is_int_scalar(num_steps) or (known and not 1 <= int(num_steps) <= max_steps):
         raise ValueError(
-            f"num_inference_steps must be an int or int scalar array in [1, max_steps={max_steps}], got {shown}"
+            f"num_inference_steps must be an int in [1, max_steps={max_steps}], got {shown(num_steps)}"
         )
     return jnp.asarray(num_steps, jnp.int32)
 
@@ -207,9 +204,7 @@ def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
         raise ValueError(f"timesteps must be in descending order, got {values}")
 
 
-def _custom_schedule(
-    state: DDIMState, timesteps: object, num_steps: object, max_steps: object
-) -> DDIMState:
+def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max_steps: object) -> DDIMState:
     """`set_timesteps` with user-supplied ``timesteps``: static, or padded with a count."""
     config = state.config
     if isinstance(timesteps, (list, tuple)):
