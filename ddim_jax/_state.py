@@ -226,8 +226,8 @@ def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max
             prev = np.append(values[1:], -1)
         return dataclasses.replace(
             state,
-            timesteps=jnp.asarray(values, jnp.int32),
-            prev_timesteps=jnp.asarray(prev, jnp.int32),
+            timesteps=jax.device_put(values.astype(np.int32)),
+            prev_timesteps=jax.device_put(prev.astype(np.int32)),
             num_steps=None,
         )
     count = _runtime_count(length if num_steps is None else num_steps, length)
@@ -308,7 +308,8 @@ def set_timesteps(
         prev = np.append(timesteps[1:], -1)
     return dataclasses.replace(
         state,
-        timesteps=jnp.asarray(timesteps, dtype=jnp.int32),
-        prev_timesteps=jnp.asarray(prev, dtype=jnp.int32),
+        # cast on the host and device_put: jnp.asarray compiles a conversion per new S
+        timesteps=jax.device_put(timesteps.astype(np.int32)),
+        prev_timesteps=jax.device_put(prev.astype(np.int32)),
         num_steps=None,
     )
