@@ -18,6 +18,7 @@ from ddim_jax._loop import (
     check_runtime_options,
     check_runtime_start_step,
     check_start_step,
+    check_unroll,
     padded_steps,
     scan_steps,
 )
@@ -95,6 +96,7 @@ def invert(
     callback_every: int = 1,
     remat: bool = False,
     start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Encodes a clean sample to noise by running `inverse_step` over the ascending schedule.
 
@@ -103,7 +105,8 @@ def invert(
     ``start_step`` the inversion stops at ``state.timesteps[start_step]``, where
     ``sample(..., start_step=start_step)`` begins (partial inversion for editing). A
     runtime-length state or a traced ``start_step`` runs the runtime-length loop, as in
-    `sample` (S - start_step model calls, NaN output for out-of-range traced values).
+    `sample` (S - start_step model calls, NaN output for out-of-range traced values);
+    ``unroll`` is the static loop's, as in `sample`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -120,9 +123,10 @@ def invert(
     runtime = state.has_runtime_length or is_traced(start_step)
     if runtime:
         start = check_runtime_start_step(start_step, state.num_inference_steps)
-        check_runtime_options("invert", state, remat)
+        check_runtime_options("invert", state, remat, unroll)
     else:
         start = check_start_step(start_step, state.num_inference_steps)
+        unroll = check_unroll(unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     config = state.config
@@ -160,5 +164,6 @@ def invert(
         callback=callback,
         callback_every=callback_every,
         remat=remat,
+        unroll=unroll,
     )
     return (x, trajectory) if return_trajectory else x

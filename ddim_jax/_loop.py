@@ -140,8 +140,23 @@ def check_runtime_start_step(start_step: Any, num_inference_steps: int | jax.Arr
     return jnp.asarray(start_step, jnp.int32)
 
 
-def check_runtime_options(fn: str, state: Any, remat: bool) -> None:
+def check_unroll(unroll: Any) -> int:
+    try:
+        value = operator.index(unroll)
+    except TypeError:
+        value = 0
+    if isinstance(unroll, bool) or value < 1:
+        raise ValueError(f"unroll must be an int >= 1, got {unroll!r}")
+    return value
+
+
+def check_runtime_options(fn: str, state: Any, remat: bool, unroll: Any = 1) -> None:
     """Options the runtime-length loop (`padded_steps`) cannot honour."""
+    if check_unroll(unroll) != 1:
+        raise ValueError(
+            f"{fn}(unroll={unroll}) needs a static schedule and a Python int start_step: the "
+            "runtime-length loop (a while loop) runs one step per iteration"
+        )
     if remat:
         check_static_schedule(state, f"{fn}(remat=True)")
         raise ValueError(
@@ -169,11 +184,12 @@ def scan_steps(
     callback: StepCallback | None,
     callback_every: int,
     remat: bool,
+    unroll: int = 1,
 ) -> tuple[jax.Array, Trajectory | None]:
     """Runs ``update`` over ``xs = (timesteps, ...)`` in one ``lax.scan``.
 
     ``update(x, xs_i)`` returns a `StepOutput`; with ``remat`` each step's activations are
-    recomputed on the backward pass (``jax.checkpoint``).
+    recomputed on the backward pass (``jax.checkpoint``); ``unroll`` is the scan's.
     """
     timesteps = xs[0]
     num_steps = timesteps.shape[0]
@@ -192,7 +208,7 @@ def scan_steps(
         return out.prev_sample, (Trajectory(*out) if return_trajectory else None)
 
     indices = jnp.arange(num_steps, dtype=jnp.int32)
-    x, trajectory = jax.lax.scan(body, x, (indices, xs))
+    x, trajectory = jax.lax.scan(body, x, (indices, xs), unroll=unroll)
     return x, trajectory
 
 

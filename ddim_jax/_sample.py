@@ -18,6 +18,7 @@ from ddim_jax._loop import (
     check_runtime_options,
     check_runtime_start_step,
     check_start_step,
+    check_unroll,
     padded_steps,
     scan_steps,
 )
@@ -46,6 +47,7 @@ def sample(
     callback_every: int = 1,
     remat: bool = False,
     start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Denoises ``latents`` over ``state.timesteps`` in one ``lax.scan`` (no host round-trips).
 
@@ -92,6 +94,10 @@ def sample(
       callback_every: the callback's period in steps.
       remat: rematerialize each step on the backward pass (``jax.checkpoint``), so
         ``jax.grad`` through the loop stores one carry per step, not the model's activations.
+      unroll: steps per iteration of the static loop's ``lax.scan`` (its ``unroll``): fewer
+        loop iterations, a program that grows with it. It saves the loop's per-iteration cost,
+        about 7 us per step on an H200, which matters where a step is that short
+        (benchmarks/RESULTS.md); the runtime-length loop takes only 1.
       start_step: start at ``state.timesteps[start_step]`` with ``latents`` at that noise level
         and run the remaining steps (image-to-image / SDEdit: noise the input there with
         `add_noise`; diffusers' ``strength`` s is ``start_step = S - int(S * s)``). Step i
@@ -139,9 +145,10 @@ def sample(
     runtime = state.has_runtime_length or is_traced(start_step)
     if runtime:
         start = check_runtime_start_step(start_step, state.num_inference_steps)
-        check_runtime_options("sample", state, remat)
+        check_runtime_options("sample", state, remat, unroll)
     else:
         start = check_start_step(start_step, state.num_inference_steps)
+        unroll = check_unroll(unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
@@ -192,5 +199,6 @@ def sample(
         callback=callback,
         callback_every=callback_every,
         remat=remat,
+        unroll=unroll,
     )
     return (x, trajectory) if return_trajectory else x
