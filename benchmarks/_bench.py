@@ -172,9 +172,13 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def interleaved(
-    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, min_time: float = 0.01
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    min_time: float = 0.01,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin (each call blocks).
+    """Median (or ``stat``) seconds per call of each contender, timed round-robin (each call blocks).
 
     Each round visits the contenders in a fresh random order (no contender always follows
     the same one). Each timed measurement runs a contender ``n`` times back to back, ``n``
@@ -197,7 +201,7 @@ def interleaved(
             for _ in range(n):
                 fn()
             times[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: stat(ts) for name, ts in times.items()}
 
 
 def compile_jit(fn: Callable, *args: Any) -> tuple[Callable, float, float]:
