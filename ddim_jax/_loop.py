@@ -242,7 +242,7 @@ def padded_steps(
         x, trajectory = carry
         count = i - start_step  # this call's step index
         index = stop - 1 - count if reverse else i
-        step_inputs = jax.tree.map(lambda a: a[index], xs)
+        step_inputs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
         out = update(x, step_inputs)
         if callback is not None:
             due = (count % callback_every == 0) | (i == stop - 1)
