@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import check_same_shape, check_static_schedule, is_int_scalar, is_traced, shown
 from ddim_jax._guidance import classifier_free_guidance
+from ddim_jax._noise import is_per_example
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._step import StepOutput
 
@@ -168,10 +169,20 @@ def check_runtime_options(fn: str, state: Any, remat: bool, unroll: Any = 1) -> 
 def check_runtime_key(key: Any) -> None:
     """The runtime-length loop draws step i's key from ``split(key, M)[i]``, which equals the
     static loop's ``split(key, S)[i]`` only with partitionable threefry (jax's default)."""
-    if key is not None and not jax.config.jax_threefry_partitionable:
+    if key is None:
+        return
+    if not jax.config.jax_threefry_partitionable:
         raise ValueError(
             "a runtime-length sample with key needs jax.config.jax_threefry_partitionable = True "
             "(the default), so that step i's key split(key, M)[i] equals split(key, S)[i]"
+        )
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    if impl == "unsafe_rbg" and is_per_example(key):
+        raise ValueError(
+            "a runtime-length sample cannot take one unsafe_rbg key per example: split under vmap "
+            "gives split(key, M)[i] != split(key, S)[i] for them; pass threefry2x32 or rbg keys, "
+            "or one unsafe_rbg key for the batch"
         )
 
 

@@ -111,7 +111,8 @@ def sample(
     start_step and key when the static state is a jit argument too (step i still draws from
     ``split(key, S)[i]``, which is ``split(key, M)[i]`` with jax's default
     ``jax_threefry_partitionable``; a static state closed over as a constant lets XLA fold
-    the per-step scalars at compile time, which can move the last bit). An S outside
+    the per-step scalars at compile time, which can move the last bit; one ``unsafe_rbg`` key
+    per example is refused, as its vmapped split is not a prefix). An S outside
     [1, M], a start_step outside [0, S) or a custom schedule that is not descending in
     [0, T), when traced, give an all-NaN output (known in Python, they raise). The
     trajectory then has M rows (the steps run, in order, then NaN rows); callbacks work;

@@ -423,6 +423,11 @@ def test_runtime_key_needs_partitionable_threefry():
             sample(model_fn, state, x, model_args=(0.8,), key=jax.random.key(0), eta=0.5)
     finally:
         jax.config.update("jax_threefry_partitionable", previous)
+    keys = jax.random.split(jax.random.key(0, impl="unsafe_rbg"), SHAPE[0])
+    with pytest.raises(ValueError, match="cannot take one unsafe_rbg key per example"):
+        sample(model_fn, state, x, model_args=(0.8,), key=keys, eta=0.5)
+    one = sample(model_fn, state, x, model_args=(0.8,), key=jax.random.key(0, impl="unsafe_rbg"), eta=0.5)
+    assert np.isfinite(one).all()
 
 
 def test_unroll_on_the_static_loop():
@@ -440,3 +445,18 @@ def test_unroll_on_the_static_loop():
     runtime = set_timesteps(create_state(DDIMConfig()), 10, max_steps=M)
     with pytest.raises(ValueError, match=r"sample\(unroll=4\) needs a static schedule"):
         sample(model_fn, runtime, x, model_args=(0.8,), unroll=4)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_step_keys_of_m_start_with_those_of_s(impl):
+    """The runtime loop's step i uses split(key, M)[i]: equal to the static loop's split(key, S)[i]
+    for every key implementation (with jax's default partitionable threefry)."""
+    from ddim_jax._noise import step_keys
+
+    keys = [jax.random.key(3, impl=impl)]
+    if impl != "unsafe_rbg":  # split under vmap: not a prefix for unsafe_rbg, which sample refuses
+        keys.append(jax.random.split(jax.random.key(4, impl=impl), 3))
+    for key in keys:
+        long = jax.random.key_data(step_keys(key, 1000))
+        for s in (1, 7, 50, 999):
+            np.testing.assert_array_equal(long[:s], jax.random.key_data(step_keys(key, s)))
