@@ -206,7 +206,7 @@ def test_runtime_sample_equals_static_bitwise_with_one_compilation(config):
 
     static = static_runner()
     x = latents(1)
-    for num_steps, start, eta in [(10, 0, 0.0), (7, 3, 0.6), (40, 39, 1.0), (1, 0, 0.5)]:
+    for num_steps, start, eta in [(1, 0, 0.0), (7, 3, 0.6), (40, 39, 1.0)]:
         key = jax.random.key(num_steps)
         ref = static(set_timesteps(base, num_steps), x, key, eta, 0.8, start)
         out = runtime(num_steps, start, x, key, eta, 0.8)
