@@ -9,7 +9,7 @@ S - k model calls. The model is the demo's small class-conditional UNet with ran
 (a stand-in for a real denoiser), on 8x8 single-channel latents.
 
 Usage:
-  python examples/serving.py                         # 20 requests, ~10 s on 2 CPU cores
+  python examples/serving.py                         # 20 requests, ~15 s on 2 CPU cores, most of it compiling
   python examples/serving.py --requests 50 --max-steps 250
   python examples/serving.py --export generate.bin   # also save the program (jax.export)
 """
