@@ -172,9 +172,17 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def interleaved(
-    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, min_time: float = 0.01
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    min_time: float = 0.01,
+    stat: Callable[[list[float]], float] = statistics.median,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin (each call blocks).
+    """Median (or ``stat``) seconds per call of each contender, timed round-robin (each call blocks).
+
+    ``clock`` may be ``time.process_time`` (CPU seconds of this process, all threads): on a
+    CPU shared with other work, a ratio of CPU times is steadier than one of wall times.
 
     Each round visits the contenders in a fresh random order (no contender always follows
     the same one). Each timed measurement runs a contender ``n`` times back to back, ``n``
@@ -193,11 +201,11 @@ def interleaved(
         rng.shuffle(names)
         for name in names:
             fn, n = contenders[name], number[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(n):
                 fn()
-            times[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((clock() - start) / n)
+    return {name: stat(ts) for name, ts in times.items()}
 
 
 def compile_jit(fn: Callable, *args: Any) -> tuple[Callable, float, float]:

@@ -25,7 +25,15 @@ import _bench as B
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 # most important first: a run cut short still has the headline numbers
-SUITES = ("scheduler_loop", "eta_noise", "compile_time", "memory", "unet_e2e", "parallel_sampling")
+SUITES = (
+    "scheduler_loop",
+    "eta_noise",
+    "compile_time",
+    "memory",
+    "unet_e2e",
+    "dynamic_steps",
+    "parallel_sampling",
+)
 
 
 def merge(src: str, dst: str) -> None:
@@ -146,9 +154,29 @@ def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
         )
     if "unet" in summary:
         rows.append(["UNet: share of time outside the model", "-", _fmt(summary["unet"], "{:.1%}"), "info"])
+    if "dynamic" in summary:
+        worst = max(summary["dynamic"].values())
+        rows.append(
+            [
+                "runtime step count: runtime / static time per step (issue #11)",
+                "<= 1.1x",
+                _fmt(summary["dynamic"], "{:.2f}"),
+                verdict(worst <= 1.1, f"worst {worst:.2f}x"),
+            ]
+        )
+    programs = summary.get("stream programs", {})
+    if "runtime" in programs:
+        rows.append(
+            [
+                "programs compiled for a stream of 20 requests (runtime S and start_step)",
+                "1",
+                f"{programs['runtime']:.0f} (static: {programs.get('static', float('nan')):.0f})",
+                verdict(programs["runtime"] == 1, f"{programs['runtime']:.0f}"),
+            ]
+        )
     if not rows:
         return ""
-    return "### Goals (issues #5, #15), from the numbers above\n\n" + B.table(
+    return "### Goals (issues #5, #11, #15), from the numbers above\n\n" + B.table(
         ["goal", "target", "measured", "verdict"], rows
     )
 

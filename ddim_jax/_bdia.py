@@ -27,6 +27,7 @@ from ddim_jax._checks import (
     check_fraction,
     check_invertible_config,
     check_ready,
+    check_static_schedule,
     compute_dtype,
     latent_pair,
 )
@@ -93,6 +94,7 @@ def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array
 
 def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
     check_ready(state, fn)
+    check_static_schedule(state, fn)
     check_invertible_config(state.config, fn)
     check_loop_options(x, callback, every)
     start = check_start_step(start_step, state.num_inference_steps)

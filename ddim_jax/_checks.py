@@ -18,11 +18,37 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message; a tracer's dtype and shape, not its repr."""
+    if is_traced(value):
+        return f"a traced {value.dtype}{list(jnp.shape(value))}"
+    return repr(value)
+
+
+def is_int_scalar(value: Any) -> bool:
+    """A Python int (not bool) or an integer array of shape ``()``, traced or not."""
+    if isinstance(value, bool):
+        return False
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, int) or (
+        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(value) == 0
+    )
+
+
 def check_ready(state: DDIMState, fn: str) -> None:
     if not isinstance(state, DDIMState):
         raise TypeError(f"state must be a DDIMState, got {type(state).__name__}")
     if state.timesteps is None:
         raise ValueError(f"{fn} needs timesteps: call set_timesteps(state, num_inference_steps) first")
+
+
+def check_static_schedule(state: DDIMState, fn: str) -> None:
+    """For loops that need S as a shape: rejects a runtime-length (padded) schedule."""
+    if state.has_runtime_length:
+        raise ValueError(
+            f"{fn} needs a static schedule, set_timesteps(state, num_inference_steps) with a Python "
+            f"int; got a runtime-length one (set_timesteps(..., max_steps={state.max_steps}))"
+        )
 
 
 def check_same_shape(name: str, x: Any, ref_name: str, ref: Any) -> None:

@@ -29,6 +29,7 @@ from ddim_jax._checks import (
     check_fraction,
     check_invertible_config,
     check_ready,
+    check_static_schedule,
     compute_dtype,
     latent_pair,
 )
@@ -104,6 +105,7 @@ def _setup(
     fn: str, model: ModelCall, state: DDIMState, x: Any, mixing: Any, start_step: Any, callback, every
 ) -> _Loop:
     check_ready(state, fn)
+    check_static_schedule(state, fn)
     check_invertible_config(state.config, fn)
     check_loop_options(x, callback, every)
     start = check_start_step(start_step, state.num_inference_steps)

@@ -15,7 +15,11 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_loop_options,
+    check_runtime_options,
+    check_runtime_start_step,
     check_start_step,
+    check_unroll,
+    padded_steps,
     scan_steps,
 )
 from ddim_jax._state import DDIMState
@@ -104,14 +108,18 @@ def invert(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Encodes a clean sample to noise by running `inverse_step` over the ascending schedule.
 
     One ``lax.scan``; the arguments mean what they mean for `sample`. Sampling the result
     with the same state and eta = 0 reconstructs ``x0`` (closely, for enough steps). With
     ``start_step`` the inversion stops at ``state.timesteps[start_step]``, where
-    ``sample(..., start_step=start_step)`` begins (partial inversion for editing).
+    ``sample(..., start_step=start_step)`` begins (partial inversion for editing). A
+    runtime-length state or a traced ``start_step`` runs the runtime-length loop, as in
+    `sample` (S - start_step model calls, NaN output for out-of-range traced values);
+    ``unroll`` is the static loop's, as in `sample`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -125,13 +133,20 @@ def invert(
     """
     check_ready(state, "invert")
     check_loop_options(x0, callback, callback_every)
-    start = check_start_step(start_step, state.num_inference_steps)
+    runtime = state.has_runtime_length or is_traced(start_step)
+    if runtime:
+        start = check_runtime_start_step(start_step, state.num_inference_steps)
+        check_runtime_options("invert", state, remat, unroll)
+    else:
+        start = check_start_step(start_step, state.num_inference_steps)
+        unroll = check_unroll(unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     config = state.config
     _check_invertible(config, "invert")
     dtype = compute_dtype(x0)
-    timesteps = state.timesteps[start:][::-1]
+    # runtime: all M entries in schedule order, visited from S - 1 down to start
+    timesteps = state.timesteps if runtime else state.timesteps[start:][::-1]
     # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
     alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
     coefs = _inverse_coefficients(config, alphas_source, alpha_at(state, timesteps).astype(dtype))
@@ -140,6 +155,21 @@ def invert(
         t, coef = step_inputs
         return _inverse_update(config, coef, model(x, t), x)
 
+    if runtime:
+        x, trajectory = padded_steps(
+            update,
+            jnp.asarray(x0, dtype),
+            (timesteps, coefs),
+            schedule=state.timesteps,
+            num_steps=state.num_inference_steps,
+            start_step=start,
+            num_train_timesteps=config.num_train_timesteps,
+            reverse=True,
+            return_trajectory=return_trajectory,
+            callback=callback,
+            callback_every=callback_every,
+        )
+        return (x, trajectory) if return_trajectory else x
     x, trajectory = scan_steps(
         update,
         jnp.asarray(x0, dtype),
@@ -148,5 +178,6 @@ def invert(
         callback=callback,
         callback_every=callback_every,
         remat=remat,
+        unroll=unroll,
     )
     return (x, trajectory) if return_trajectory else x

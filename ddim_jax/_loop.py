@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax._checks import check_same_shape
+from ddim_jax._checks import check_same_shape, check_static_schedule, is_int_scalar, is_traced, shown
 from ddim_jax._guidance import classifier_free_guidance
+from ddim_jax._noise import is_per_example
+from ddim_jax._padded import schedule_is_valid
 from ddim_jax._step import StepOutput
 
 __all__ = ["Trajectory", "ModelFn", "StepCallback"]
@@ -148,6 +150,62 @@ def check_start_step(start_step: Any, num_inference_steps: int) -> int:
     return index
 
 
+def check_runtime_start_step(start_step: Any, num_inference_steps: int | jax.Array) -> jax.Array:
+    """A start step that may be traced: an int or an int scalar array, range-checked when both it
+    and S are known in Python; a traced one out of range makes the loop return NaN."""
+    known = not is_traced(start_step) and not is_traced(num_inference_steps)
+    if not is_int_scalar(start_step) or (known and not 0 <= int(start_step) < int(num_inference_steps)):
+        s = "S" if is_traced(num_inference_steps) else int(num_inference_steps)
+        expected = f"an int in [0, num_inference_steps={s})"
+        raise ValueError(f"start_step must be {expected}, got {shown(start_step)}")
+    return jnp.asarray(start_step, jnp.int32)
+
+
+def check_unroll(unroll: Any) -> int:
+    try:
+        value = operator.index(unroll)
+    except TypeError:
+        value = 0
+    if isinstance(unroll, bool) or value < 1:
+        raise ValueError(f"unroll must be an int >= 1, got {unroll!r}")
+    return value
+
+
+def check_runtime_options(fn: str, state: Any, remat: bool, unroll: Any = 1) -> None:
+    """Options the runtime-length loop (`padded_steps`) cannot honour."""
+    if check_unroll(unroll) != 1:
+        raise ValueError(
+            f"{fn}(unroll={unroll}) needs a static schedule and a Python int start_step: the "
+            "runtime-length loop (a while loop) runs one step per iteration"
+        )
+    if remat:
+        check_static_schedule(state, f"{fn}(remat=True)")
+        raise ValueError(
+            f"{fn}(remat=True) needs a Python int start_step: a traced start_step runs the "
+            "runtime-length loop, which reverse-mode autodiff (jax.grad) does not go through"
+        )
+
+
+def check_runtime_key(key: Any) -> None:
+    """The runtime-length loop draws step i's key from ``split(key, M)[i]``, which equals the
+    static loop's ``split(key, S)[i]`` only with partitionable threefry (jax's default)."""
+    if key is None:
+        return
+    if not jax.config.jax_threefry_partitionable:
+        raise ValueError(
+            "a runtime-length sample with key needs jax.config.jax_threefry_partitionable = True "
+            "(the default), so that step i's key split(key, M)[i] equals split(key, S)[i]"
+        )
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    if impl == "unsafe_rbg" and is_per_example(key):
+        raise ValueError(
+            "a runtime-length sample cannot take one unsafe_rbg key per example: split under vmap "
+            "gives split(key, M)[i] != split(key, S)[i] for them; pass threefry2x32 or rbg keys, "
+            "or one unsafe_rbg key for the batch"
+        )
+
+
 def scan_steps(
     update: Callable[[jax.Array, Any], StepOutput],
     x: jax.Array,
@@ -157,11 +215,12 @@ def scan_steps(
     callback: StepCallback | None,
     callback_every: int,
     remat: bool,
+    unroll: int = 1,
 ) -> tuple[jax.Array, Trajectory | None]:
     """Runs ``update`` over ``xs = (timesteps, ...)`` in one ``lax.scan``.
 
     ``update(x, xs_i)`` returns a `StepOutput`; with ``remat`` each step's activations are
-    recomputed on the backward pass (``jax.checkpoint``).
+    recomputed on the backward pass (``jax.checkpoint``); ``unroll`` is the scan's.
     """
     timesteps = xs[0]
     num_steps = timesteps.shape[0]
@@ -180,5 +239,55 @@ def scan_steps(
         return out.prev_sample, (Trajectory(*out) if return_trajectory else None)
 
     indices = jnp.arange(num_steps, dtype=jnp.int32)
-    x, trajectory = jax.lax.scan(body, x, (indices, xs))
+    x, trajectory = jax.lax.scan(body, x, (indices, xs), unroll=unroll)
     return x, trajectory
+
+
+def padded_steps(
+    update: Callable[[jax.Array, Any], StepOutput],
+    x: jax.Array,
+    xs: tuple,
+    *,
+    schedule: jax.Array,
+    num_steps: int | jax.Array,
+    start_step: jax.Array,
+    num_train_timesteps: int,
+    reverse: bool,
+    return_trajectory: bool,
+    callback: StepCallback | None,
+    callback_every: int,
+) -> tuple[jax.Array, Trajectory | None]:
+    """Runs ``update`` over entries ``[start_step, num_steps)`` of the per-step tables ``xs``
+    (each of length M, the schedule's order; ``reverse`` visits them last to first) in a
+    ``fori_loop`` with traced bounds: S - start_step model calls, whatever M.
+
+    When ``schedule`` (the state's timesteps), S or ``start_step`` are out of range
+    (`schedule_is_valid`), no step runs and the outputs are NaN. The trajectory has M rows,
+    the steps in loop order first, NaN after them. Not reverse-differentiable (a while loop).
+    """
+    valid = schedule_is_valid(schedule, num_steps, start_step, num_train_timesteps)
+    stop = jnp.where(valid, num_steps, start_step)
+    max_steps = xs[0].shape[0]
+
+    def body(i, carry):
+        x, trajectory = carry
+        count = i - start_step  # this call's step index
+        index = stop - 1 - count if reverse else i
+        step_inputs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
+        out = update(x, step_inputs)
+        if callback is not None:
+            due = (count % callback_every == 0) | (i == stop - 1)
+            jax.lax.cond(
+                due,
+                lambda: jax.debug.callback(callback, count, step_inputs[0], out.pred_original_sample),
+                lambda: None,
+            )
+        if return_trajectory:
+            trajectory = Trajectory(*(rows.at[count].set(v) for rows, v in zip(trajectory, out, strict=True)))
+        return out.prev_sample, trajectory
+
+    empty = None
+    if return_trajectory:
+        empty = Trajectory(*(jnp.full((max_steps, *x.shape), jnp.nan, x.dtype) for _ in range(2)))
+    x, trajectory = jax.lax.fori_loop(start_step, stop, body, (x, empty))
+    return jnp.where(valid, x, jnp.nan), trajectory

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax._checks import check_eta, check_ready, compute_dtype, is_traced
+from ddim_jax._checks import check_eta, check_ready, check_static_schedule, compute_dtype, is_traced
 from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_start_step
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._state import DDIMState
@@ -166,6 +166,7 @@ def parallel_sample(
       (True, 1)
     """
     check_ready(state, "parallel_sample")
+    check_static_schedule(state, "parallel_sample")
     check_loop_options(latents, None, 1)
     start = check_start_step(start_step, state.num_inference_steps)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)

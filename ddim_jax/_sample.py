@@ -7,14 +7,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_eta, check_ready, compute_dtype
+from ddim_jax._checks import check_eta, check_ready, compute_dtype, is_traced
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
     StepCallback,
     Trajectory,
     check_loop_options,
+    check_runtime_key,
+    check_runtime_options,
+    check_runtime_start_step,
     check_start_step,
+    check_unroll,
+    padded_steps,
     scan_steps,
 )
 from ddim_jax._noise import normal_noise, step_keys
@@ -41,7 +46,8 @@ def sample(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Denoises ``latents`` over ``state.timesteps`` in one ``lax.scan`` (no host round-trips).
 
@@ -88,11 +94,30 @@ def sample(
       callback_every: the callback's period in steps.
       remat: rematerialize each step on the backward pass (``jax.checkpoint``), so
         ``jax.grad`` through the loop stores one carry per step, not the model's activations.
+      unroll: steps per iteration of the static loop's ``lax.scan`` (its ``unroll``): fewer
+        loop iterations, a program that grows with it. It saves the loop's per-iteration cost,
+        about 7 us per step on an H200, which matters where a step is that short
+        (benchmarks/RESULTS.md); the runtime-length loop takes only 1.
       start_step: start at ``state.timesteps[start_step]`` with ``latents`` at that noise level
         and run the remaining steps (image-to-image / SDEdit: noise the input there with
         `add_noise`; diffusers' ``strength`` s is ``start_step = S - int(S * s)``). Step i
-        still draws its noise from ``split(key, S)[i]``. A Python int: each value compiles
-        its own program.
+        still draws its noise from ``split(key, S)[i]``. A Python int compiles a program per
+        value; an int32 array traced under jit (e.g. from a strength) runs the
+        runtime-length loop below, one program for every value.
+
+    Runtime-length loop: with a state from ``set_timesteps(..., max_steps=M)`` (S a runtime
+    value) or a traced ``start_step``, the steps run in a ``fori_loop`` with traced bounds:
+    S - start_step model calls, results bitwise equal to the static loop's for the same S,
+    start_step and key when the static state is a jit argument too (step i still draws from
+    ``split(key, S)[i]``, which is ``split(key, M)[i]`` with jax's default
+    ``jax_threefry_partitionable``; a static state closed over as a constant lets XLA fold
+    the per-step scalars at compile time, which can move the last bit; one ``unsafe_rbg`` key
+    per example is refused, as its vmapped split is not a prefix). An S outside
+    [1, M], a start_step outside [0, S) or a custom schedule that is not descending in
+    [0, T), when traced, give an all-NaN output (known in Python, they raise). The
+    trajectory then has M rows (the steps run, in order, then NaN rows); callbacks work;
+    forward-mode autodiff (``jax.jvp``) works, reverse mode (``jax.grad``) does not (a while
+    loop) and ``remat`` raises: use a static state and a Python int start_step for gradients.
 
     Returns:
       The final sample (float32, the shape of ``latents``), or ``(sample, trajectory)``.
@@ -120,7 +145,13 @@ def sample(
     """
     check_ready(state, "sample")
     check_loop_options(latents, callback, callback_every)
-    start = check_start_step(start_step, state.num_inference_steps)
+    runtime = state.has_runtime_length or is_traced(start_step)
+    if runtime:
+        start = check_runtime_start_step(start_step, state.num_inference_steps)
+        check_runtime_options("sample", state, remat, unroll)
+    else:
+        start = check_start_step(start_step, state.num_inference_steps)
+        unroll = check_unroll(unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
@@ -128,8 +159,13 @@ def sample(
     dtype = compute_dtype(latents)
     x = jnp.asarray(latents, dtype)
     eta = jnp.asarray(eta, dtype)
-    timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
-    keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
+    if runtime:  # all M entries; the loop reads [start, S)
+        check_runtime_key(key)
+        timesteps, prev_timesteps = state.timesteps, state.prev_timesteps
+        keys = step_keys(key, state.max_steps) if add_noise else None
+    else:
+        timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
+        keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
     # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
     alphas_t = alpha_at(state, timesteps).astype(dtype)
     alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
@@ -143,6 +179,21 @@ def sample(
             config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
         )
 
+    if runtime:
+        x, trajectory = padded_steps(
+            update,
+            x,
+            (timesteps, coefs, keys),
+            schedule=state.timesteps,
+            num_steps=state.num_inference_steps,
+            start_step=start,
+            num_train_timesteps=config.num_train_timesteps,
+            reverse=False,
+            return_trajectory=return_trajectory,
+            callback=callback,
+            callback_every=callback_every,
+        )
+        return (x, trajectory) if return_trajectory else x
     x, trajectory = scan_steps(
         update,
         x,
@@ -151,5 +202,6 @@ def sample(
         callback=callback,
         callback_every=callback_every,
         remat=remat,
+        unroll=unroll,
     )
     return (x, trajectory) if return_trajectory else x

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import _padded
 from ddim_jax._config import DDIMConfig
 
 __all__ = ["DDIMState", "create_state", "set_timesteps", "betas_for_config"]
@@ -32,6 +34,10 @@ class DDIMState:
       prev_timesteps: ``(S,)`` int32, the timestep each step moves to (``-1`` means the
         final alpha), following ``config.prev_timestep_rule``; None until `set_timesteps`.
       config: the `DDIMConfig` (static).
+      num_steps: None for a static schedule (S is ``timesteps.shape[0]``); for a runtime-length
+        one (``set_timesteps(..., max_steps=M)``) the int32 scalar S, a leaf that may be
+        traced, with ``timesteps`` and ``prev_timesteps`` of shape ``(M,)``: entries
+        ``[0, S)`` hold the schedule, entries ``[S, M)`` are ``-1`` (padding).
 
     Example:
       >>> import jax
@@ -48,6 +54,7 @@ class DDIMState:
     timesteps: jax.Array | None
     prev_timesteps: jax.Array | None
     config: DDIMConfig = dataclasses.field(metadata={"static": True})
+    num_steps: jax.Array | None = None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -55,9 +62,22 @@ class DDIMState:
         return 1.0
 
     @property
-    def num_inference_steps(self) -> int | None:
-        """S, the number of inference steps (static: read from ``timesteps.shape``)."""
+    def num_inference_steps(self) -> int | jax.Array | None:
+        """S, the number of inference steps: an int read from ``timesteps.shape`` for a static
+        schedule, the int32 array ``num_steps`` for a runtime-length one."""
+        if self.num_steps is not None:
+            return self.num_steps
         return None if self.timesteps is None else self.timesteps.shape[0]
+
+    @property
+    def max_steps(self) -> int | None:
+        """M, the length of the timestep tables (S for a static schedule)."""
+        return None if self.timesteps is None else self.timesteps.shape[0]
+
+    @property
+    def has_runtime_length(self) -> bool:
+        """True for a padded schedule with a runtime step count (``set_timesteps(..., max_steps=M)``)."""
+        return self.num_steps is not None
 
 
 def _alpha_bar_cosine(t: float) -> float:
@@ -148,16 +168,132 @@ def _check_num_inference_steps(config: DDIMConfig, num_inference_steps: object) 
     return s
 
 
-def set_timesteps(state: DDIMState, num_inference_steps: int) -> DDIMState:
+def _check_max_steps(config: DDIMConfig, max_steps: object) -> int:
+    n_train = config.num_train_timesteps
+    try:
+        m = operator.index(max_steps)
+    except TypeError:
+        m = None
+    if m is None or isinstance(max_steps, bool) or not 1 <= m <= n_train:
+        raise ValueError(f"max_steps must be an int in [1, num_train_timesteps={n_train}], got {max_steps!r}")
+    if m * n_train >= 2**31:
+        raise ValueError(f"max_steps * num_train_timesteps must be below 2**31 (int32), got {m} * {n_train}")
+    return m
+
+
+def _runtime_count(num_steps: object, max_steps: int) -> jax.Array:
+    """The step count as an int32 scalar; a Python-known value is range-checked here."""
+    from ddim_jax._checks import is_int_scalar, shown  # (_checks imports this module)
+
+    known = not isinstance(num_steps, jax.core.Tracer)
+    if not is_int_scalar(num_steps) or (known and not 1 <= int(num_steps) <= max_steps):
+        raise ValueError(
+            f"num_inference_steps must be an int in [1, max_steps={max_steps}], got {shown(num_steps)}"
+        )
+    return jnp.asarray(num_steps, jnp.int32)
+
+
+def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
+    n_train = config.num_train_timesteps
+    values = timesteps.tolist()
+    if timesteps.size and (timesteps.min() < 0 or timesteps.max() >= n_train):
+        raise ValueError(f"timesteps must be in [0, num_train_timesteps={n_train}), got {values}")
+    if np.unique(timesteps).size != timesteps.size:
+        raise ValueError(f"timesteps must not repeat a value, got {values}")
+    if np.any(np.diff(timesteps) >= 0):
+        raise ValueError(f"timesteps must be in descending order, got {values}")
+
+
+def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max_steps: object) -> DDIMState:
+    """`set_timesteps` with user-supplied ``timesteps``: static, or padded with a count."""
+    config = state.config
+    if isinstance(timesteps, (list, tuple)):
+        timesteps = np.asarray(timesteps)
+    if jnp.ndim(timesteps) != 1 or jnp.shape(timesteps)[0] == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {jnp.shape(timesteps)}")
+    if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
+        raise TypeError(f"timesteps must hold integers, got dtype {jnp.result_type(timesteps)}")
+    length = jnp.shape(timesteps)[0]
+    if max_steps is not None and _check_max_steps(config, max_steps) != length:
+        raise ValueError(f"max_steps={max_steps} must equal len(timesteps) = {length} (the padded length)")
+    traced = isinstance(timesteps, jax.core.Tracer)
+    if num_steps is None and not traced:  # a static schedule
+        values = np.asarray(timesteps, np.int64)
+        _check_custom_timesteps(config, values)
+        if config.prev_timestep_rule == "diffusers":
+            prev = values - config.num_train_timesteps // length
+        else:
+            prev = np.append(values[1:], -1)
+        return dataclasses.replace(
+            state,
+            timesteps=jax.device_put(values.astype(np.int32)),
+            prev_timesteps=jax.device_put(prev.astype(np.int32)),
+            num_steps=None,
+        )
+    count = _runtime_count(length if num_steps is None else num_steps, length)
+    if not traced and not isinstance(count, jax.core.Tracer):
+        _check_custom_timesteps(config, np.asarray(timesteps, np.int64)[: int(count)])
+    index = jnp.arange(length, dtype=jnp.int32)
+    padded = jnp.where(index < count, jnp.asarray(timesteps, jnp.int32), _padded.PADDING)
+    prev = _padded.padded_prev_timesteps(config, padded, count)
+    return dataclasses.replace(state, timesteps=padded, prev_timesteps=prev, num_steps=count)
+
+
+def set_timesteps(
+    state: DDIMState,
+    num_inference_steps: int | jax.Array | None = None,
+    *,
+    max_steps: int | None = None,
+    timesteps: Sequence[int] | jax.Array | None = None,
+) -> DDIMState:
     """Returns a copy of ``state`` with diffusers' timesteps for ``num_inference_steps``.
+
+    Three forms:
+
+    - ``set_timesteps(state, S)``, S a Python int: the static schedule (the default). S is
+      a shape, so each S compiles its own program.
+    - ``set_timesteps(state, S, max_steps=M)``: a runtime-length schedule. S may be a traced
+      int32 (inside jit) in [1, M]; the tables have shape ``(M,)``, entries ``[0, S)`` equal
+      the static ``set_timesteps(state, S)``'s exactly and entries ``[S, M)`` are -1, and
+      ``state.num_steps`` holds S. `sample` and `invert` run S steps of it (S model calls) in
+      one program for every S. An S outside [1, M] known in Python raises; a traced one makes
+      those loops return NaN. (For the S where numpy's ``arange`` gives ``trailing`` spacing
+      S + 1 entries, the last one -1, as in diffusers, the static schedule keeps that extra
+      step and this one holds the first S.)
+    - ``set_timesteps(state, timesteps=ts)``: a user-supplied descending schedule of distinct
+      ints in [0, T) (e.g. Align Your Steps, or the DDIM paper's quadratic spacing), static
+      when ``ts`` is known in Python; with ``num_inference_steps=S`` it is a padded table of
+      length M = ``len(ts)`` of which the first S entries count (S may be traced). Known
+      values are validated here; traced ones make the loops return NaN when they are not a
+      descending schedule in range. The previous timestep follows
+      ``config.prev_timestep_rule``: with ``"diffusers"`` a step moves to ``t - T // S`` as
+      diffusers' step does; use ``"schedule"`` to step to the next entry of an uneven schedule.
 
     Example:
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps
       >>> state = set_timesteps(create_state(DDIMConfig(timestep_spacing="trailing")), 4)
       >>> state.timesteps.tolist()
       [999, 749, 499, 249]
+      >>> padded = set_timesteps(state, 4, max_steps=6)
+      >>> padded.timesteps.tolist(), int(padded.num_steps)
+      ([999, 749, 499, 249, -1, -1], 4)
+      >>> quadratic = [int(0.999 * i * i) for i in range(31, 0, -5)]  # floor(c i^2), descending
+      >>> set_timesteps(state, timesteps=quadratic).timesteps.tolist()
+      [960, 675, 440, 255, 120, 35, 0]
     """
+    if timesteps is not None:
+        return _custom_schedule(state, timesteps, num_inference_steps, max_steps)
     config = state.config
+    if max_steps is not None:
+        m = _check_max_steps(config, max_steps)
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps is required with max_steps")
+        count = _runtime_count(num_inference_steps, m)
+        if not isinstance(count, jax.core.Tracer):  # Python-known: the static path's checks too
+            set_timesteps(state, int(count))
+        padded = _padded.padded_schedule(config, count, m)
+        prev = _padded.padded_prev_timesteps(config, padded, count)
+        return dataclasses.replace(state, timesteps=padded, prev_timesteps=prev, num_steps=count)
     s = _check_num_inference_steps(config, num_inference_steps)
     timesteps = inference_timesteps(config, s)
     if timesteps.max() >= config.num_train_timesteps:
@@ -172,6 +308,8 @@ def set_timesteps(state: DDIMState, num_inference_steps: int) -> DDIMState:
         prev = np.append(timesteps[1:], -1)
     return dataclasses.replace(
         state,
-        timesteps=jnp.asarray(timesteps, dtype=jnp.int32),
-        prev_timesteps=jnp.asarray(prev, dtype=jnp.int32),
+        # cast on the host and device_put: jnp.asarray compiles a conversion per new S
+        timesteps=jax.device_put(timesteps.astype(np.int32)),
+        prev_timesteps=jax.device_put(prev.astype(np.int32)),
+        num_steps=None,
     )
