@@ -60,9 +60,10 @@ class Inputs(NamedTuple):
     pairs: jax.Array  # (2 * BATCH, LATENT[0]) guidance conditioning [uncond_0, cond_0, uncond_1, ...]
     key: jax.Array  # (2,) uint32: one key for the whole batch, replicated
     w: jax.Array  # () model parameter, replicated
+    steps: jax.Array  # () int32 runtime step count (set_timesteps(..., max_steps=2 * STEPS)), replicated
 
 
-REPLICATED = ("key", "w")
+REPLICATED = ("key", "w", "steps")
 
 
 def model_fn(x, t, w, emb):
@@ -90,6 +91,15 @@ LOOPS: dict[str, Callable[[DDIMState, Inputs], Any]] = {
         parallel_sample(
             model_fn, s, d.x, window=2, key=d.keys, eta=0.5, model_args=(d.w, d.pairs), **GUIDED
         ).sample
+    ),
+    "sample_runtime_steps": lambda s, d: sample(
+        model_fn,
+        set_timesteps(s, d.steps, max_steps=2 * STEPS),
+        d.x,
+        key=d.keys,
+        eta=0.5,
+        model_args=(d.w, d.pairs),
+        **GUIDED,
     ),
 }
 
@@ -122,6 +132,7 @@ def global_inputs() -> dict[str, np.ndarray]:
         "pairs": np.stack([uncond, cond], axis=1).reshape(2 * BATCH, LATENT[0]),
         "key": rng.integers(0, 2**32, (2,), np.uint32),
         "w": np.float32(0.8),
+        "steps": np.int32(STEPS - 1),
     }
 
 
