@@ -170,12 +170,40 @@ def test_demo_one_part_alone(demo_runs, tmp_path):
     assert sorted(results["files"]) == ["guidance"]
 
 
+def test_demo_inversion_part(demo_runs, tmp_path):
+    """``--parts inversion``: not in the default run; alone it writes its grids and its table."""
+    base, runs = demo_runs
+    assert "inversion" not in runs[0][1]["parts"] and "inversion" not in runs[0][1]
+    out = tmp_path / "inversion_only"
+    argv = ["demo", *TINY, "--cache-dir", str(base / "cache"), "--out", str(out), "--parts", "inversion"]
+    argv += ["--inversion-steps", "2,3", "--inversion-guidance", "1,3", "--inversion-digits", "4"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["parts"] == ["inversion"] and results["params_from_cache"] == {"v_prediction": True}
+    assert results["files"] == {"inversion_w1": "inversion_w1_S2.png", "inversion_w3": "inversion_w3_S2.png"}
+    for name in results["files"].values():  # 7 rows (originals; reconstructions, edits per method) of 4
+        assert read_png(out / name).shape == (7 * 33 + 1, 4 * 33 + 1)  # 8x8 at 4x, 1-pixel frames
+    table = results["inversion"]
+    assert table["num_digits"] == 4 and table["config"]["timestep_spacing"] == "trailing"
+    for method in ("ddim", "edict", "bdia"):
+        for w in ("1", "3"):
+            for s in ("2", "3"):
+                cell = table["cells"][method][w][s]
+                assert 0.0 <= cell["edit_accuracy"] <= 1.0 and cell["edit_distance"] > 0.0
+                if method != "ddim":  # exact, even on an all-but-untrained model
+                    assert cell["max_rel_err"] < 1e-4, (method, w, s, cell)
+    text = (out / "results.md").read_text()
+    assert "| bdia | 3 |" in text and "d -> (d + 5) % 10" in text
+
+
 def test_demo_help(capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["demo", "--help"])
     assert err.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--num-samples", "--parts", "--schedule-steps", "--guidance-scales", "--guidance-rescales"):
+        assert flag in text
+    for flag in ("--inversion-steps", "--inversion-guidance", "--inversion-digits"):
         assert flag in text
 
 

@@ -133,3 +133,30 @@ def test_sampler_guidance_wiring_and_no_recompile(random_conditional):
         sampler.sample(x_T, 4, 0.0, key, [0, 1, 2, 11])
     with pytest.raises(ValueError, match=r"labels must be ints of shape \(4,\)"):
         sampler.sample(x_T, 4, 0.0, key, [0, 1])
+
+
+def test_sampler_edit_wiring_and_no_recompile(random_conditional):
+    """Invert under the source digit, sample under it (round trip) and under the target (edit)."""
+    model, params = random_conditional
+    config = fixed_settings(TrainSettings()).scheduler_config(timestep_spacing="trailing")
+    sampler = Sampler(model, params, config)
+    x0 = np.asarray(vary_brightness(load_digits_split().x_test[:4], jax.random.key(5)))
+    source, target = [0, 3, 7, 9], [5, 8, 2, 4]
+    errors = {}
+    for method in ("ddim", "edict", "bdia"):
+        recon, edited = sampler.edit(x0, 4, source, target, 3.0, method)
+        errors[method] = float(np.abs(recon - x0).max())
+        assert float(np.abs(edited - recon).max()) > 1e-2, method  # the target label changes the sample
+        again, unchanged = sampler.edit(x0, 4, source, source, 3.0, method)
+        np.testing.assert_array_equal(unchanged, again)  # same labels both ways: the reconstruction
+    assert errors["edict"] < 1e-4 and errors["bdia"] < 1e-4, errors  # exact, to float32 round-off
+    assert errors["ddim"] > 1e3 * max(errors["edict"], errors["bdia"]), errors  # DDIM inversion drifts
+    before = len(experiments._PROGRAMS)
+    other = Sampler(model, jax.tree.map(lambda p: 1.01 * p, params), config)
+    recon, edited = other.edit(x0[::-1], 4, target, source, 1.5, "bdia")  # new params, images, labels, w
+    assert len(experiments._PROGRAMS) == before
+    assert float(np.abs(recon - x0[::-1]).max()) < 1e-4
+    with pytest.raises(ValueError, match=r"method must be one of \['ddim', 'edict', 'bdia'\], got 'sdedit'"):
+        sampler.edit(x0, 4, source, target, 3.0, "sdedit")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
+        sampler.edit(x0, 4, source, [0, 1, 2, 11], 3.0, "bdia")

@@ -358,12 +358,17 @@ def test_bad_inputs():
         edict_invert(lambda x, t: jnp.zeros(3), state, x)
 
 
-def test_demo_inversion_part_rejects_clip_sample(capsys):
-    """``ddim-jax demo --part inversion`` refuses --clip-sample before training anything."""
+@pytest.mark.parametrize("parts", ["inversion", "ddim,inversion"])
+def test_demo_inversion_part_rejects_clip_sample(parts, capsys, monkeypatch):
+    """``ddim-jax demo --parts inversion`` refuses --clip-sample before training anything."""
     pytest.importorskip("flax")
     from ddim_jax.demo import cli
 
+    def fail(*args, **kwargs):
+        raise AssertionError("trained before refusing --clip-sample")
+
+    monkeypatch.setattr("ddim_jax.demo.train.load_or_train", fail)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--part", "inversion", "--clip-sample", "--no-cache", "--quiet"])
+        cli.main(["demo", "--parts", parts, "--clip-sample", "--no-cache", "--quiet"])
     assert exit_info.value.code == 2
-    assert "--clip-sample cannot be used with --part inversion" in capsys.readouterr().err
+    assert "--clip-sample cannot be used with --parts inversion" in capsys.readouterr().err

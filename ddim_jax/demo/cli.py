@@ -1,9 +1,10 @@
 """The ``ddim-jax`` console script: ``ddim-jax demo`` trains, caches, samples and reports.
 
-Three parts, all run by default, each alone with ``--parts``: ``ddim`` (the DDIM paper's
-Tables 1 and 2), ``schedule`` (Lin et al.'s zero terminal SNR, v-prediction and trailing
-spacing against Stable Diffusion's setting, on image brightness) and ``guidance``
-(classifier-free guidance and its rescale).
+Four parts, each alone with ``--parts``, the first three by default: ``ddim`` (the DDIM
+paper's Tables 1 and 2), ``schedule`` (Lin et al.'s zero terminal SNR, v-prediction and
+trailing spacing against Stable Diffusion's setting, on image brightness), ``guidance``
+(classifier-free guidance and its rescale) and ``inversion`` (DDIM inversion against the exact
+EDICT and BDIA, reconstructing and editing held-out digits).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_ETAS",
     "DEFAULT_STEPS",
+    "DEFAULT_PARTS",
     "PARTS",
     "build_parser",
     "main",
@@ -30,7 +32,8 @@ __all__ = [
 DEFAULT_STEPS = (10, 20, 50, 100)
 DEFAULT_RECON_STEPS = (10, 20, 50, 100, 1000)
 DEFAULT_ETAS = (0.0, 0.5, 1.0)
-PARTS = ("ddim", "schedule", "guidance")
+PARTS = ("ddim", "schedule", "guidance", "inversion")
+DEFAULT_PARTS = PARTS[:3]  # inversion (about 55 s of CPU) on request: keeps the default run within its budget
 _DEMO_MODULES = {"flax": "flax", "optax": "optax", "sklearn": "scikit-learn", "tqdm": "tqdm", "PIL": "Pillow"}
 
 
@@ -86,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
             "the DDIM paper's Table 1 (sample quality vs steps S and eta) and Table 2 (reconstruction "
             "error of invert-then-sample vs S); 'schedule' measures Lin et al.'s claim that only zero "
             "terminal SNR with trailing timesteps reproduces the data's spread of image brightness; "
-            "'guidance' measures classifier-free guidance scales with and without guidance rescale. "
+            "'guidance' measures classifier-free guidance scales with and without guidance rescale; "
+            "'inversion' reconstructs and edits held-out digits (d -> (d + 5) % 10) with DDIM inversion, "
+            "EDICT and BDIA (not in the default run: --parts ddim,schedule,guidance,inversion for all four). "
             "Writes PNG grids, results.md and results.json. Defaults take a few minutes on a 2-core CPU."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument(
-        "--parts", type=_parts, default=PARTS, help=f"which parts to run, from {','.join(PARTS)}"
+        "--parts", type=_parts, default=DEFAULT_PARTS, help=f"which parts to run, from {','.join(PARTS)}"
     )
     demo.add_argument("--out", default="demo_out", help="output directory (PNGs, results.md, results.json)")
     demo.add_argument(
@@ -123,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     ddim.add_argument(
         "--clip-sample",
         action="store_true",
-        help="clip predicted x0 to [-1, 1] at every step (diffusers' default; off here, see README)",
+        help="clip predicted x0 to [-1, 1] at every step (diffusers' default; off here, see README; "
+        "not with part inversion)",
     )
     sched = demo.add_argument_group("part 'schedule': zero terminal SNR, v-prediction, trailing spacing")
     sched.add_argument("--schedule-steps", type=_int_list, default=(10, 25, 50), help="step counts S")
@@ -135,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     guide.add_argument("--guidance-rescales", type=_float_list, default=(0.0, 0.7), help="rescale values phi")
     guide.add_argument("--guidance-steps", type=int, default=25, help="sampling steps S (trailing spacing)")
     guide.add_argument("--per-digit", type=int, default=20, help="samples per digit per cell")
+    inv = demo.add_argument_group(
+        "part 'inversion': DDIM inversion, EDICT and BDIA (v-prediction model, trailing spacing)"
+    )
+    inv.add_argument(
+        "--inversion-steps", type=_int_list, default=(10, 20, 50), help="step counts S of each round trip"
+    )
+    inv.add_argument(
+        "--inversion-guidance",
+        type=_float_list,
+        default=(1.0, 3.0),
+        help="guidance scales w used both ways (invert under the digit, sample under it and its edit)",
+    )
+    inv.add_argument("--inversion-digits", type=int, default=50, help="held-out digits inverted and edited")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -172,11 +191,17 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     positive("num-recon", args.num_recon)
     positive("per-digit", args.per_digit)
+    positive("inversion-digits", args.inversion_digits)
+    if args.clip_sample and "inversion" in args.parts:
+        raise ValueError(
+            "--clip-sample cannot be used with --parts inversion: exact inversion cannot undo clipping "
+            f"(run the other parts with --parts {','.join(p for p in PARTS if p != 'inversion')})"
+        )
     if args.schedule_samples < 2:
         raise ValueError(
             f"--schedule-samples must be >= 2 (a covariance needs two), got {args.schedule_samples}"
         )
-    for name in ("steps", "recon_steps", "schedule_steps"):
+    for name in ("steps", "recon_steps", "schedule_steps", "inversion_steps"):
         for s in getattr(args, name):
             if not 1 <= s <= 1000:
                 raise ValueError(f"--{name.replace('_', '-')} values must be in [1, 1000], got {s}")
@@ -184,6 +209,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--guidance-steps must be in [1, 1000], got {args.guidance_steps}")
     if any(not 0.0 <= w <= 100.0 for w in args.guidance_scales):
         raise ValueError(f"--guidance-scales values must be in [0, 100], got {args.guidance_scales}")
+    if any(not 0.0 <= w <= 100.0 for w in args.inversion_guidance):
+        raise ValueError(f"--inversion-guidance values must be in [0, 100], got {args.inversion_guidance}")
     if any(not 0.0 <= phi <= 1.0 for phi in args.guidance_rescales):
         raise ValueError(f"--guidance-rescales values must be in [0, 1], got {args.guidance_rescales}")
     for eta in args.etas:
@@ -241,6 +268,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from ddim_jax.demo.data import load_digits_split, to_unit_range, vary_brightness
     from ddim_jax.demo.experiments import Sampler, quality_table, reconstruction_table, tables_markdown
     from ddim_jax.demo.fixes import brightness_table, fixes_markdown, guidance_grid_images, guidance_table
+    from ddim_jax.demo.inversion import METHODS, run_inversion_part
     from ddim_jax.demo.metrics import default_feature_net
     from ddim_jax.demo.png import image_grid, write_png
     from ddim_jax.demo.train import TrainSettings, fixed_settings, load_or_train, make_model
@@ -255,7 +283,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     needed = {"epsilon": epsilon} if parts & {"ddim", "schedule"} else {}
-    if parts & {"schedule", "guidance"}:
+    if parts & {"schedule", "guidance", "inversion"}:
         needed["v_prediction"] = fixed_settings(epsilon)
     digits = load_digits_split()
     clock.lap("setup")
@@ -282,6 +310,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         total += 3 * sum(args.schedule_steps)
     if "guidance" in parts:
         total += len(args.guidance_scales) * len(args.guidance_rescales) * args.guidance_steps
+    if "inversion" in parts:  # invert, then sample: per method, S and w
+        total += 2 * len(METHODS) * len(args.inversion_guidance) * sum(args.inversion_steps)
     bar = tqdm(total=total, desc="DDIM sampling (all cells)", unit="step", disable=not progress)
     results: dict[str, Any] = {"parts": list(args.parts)}
     files: dict[str, str] = {}
@@ -352,8 +382,22 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         grid = guidance_grid_images(samples, args.guidance_scales, args.guidance_rescales)
         ncols = 11 * len(args.guidance_rescales) - 1
         write_png(out / files["guidance"], image_grid(to_unit_range(grid), ncols=ncols))
-    bar.close()
     markdown.append(fixes_markdown(results.get("brightness"), results.get("guidance")))
+    if "inversion" in parts:
+        n = min(args.inversion_digits, len(x_held_out))
+        results["inversion"], inversion_files, text = run_inversion_part(
+            sampler("v_prediction", timestep_spacing="trailing"),
+            features,
+            x_held_out[:n],
+            digits.y_test[:n],
+            out,
+            steps=args.inversion_steps,
+            guidance_scales=args.inversion_guidance,
+        )
+        clock.lap("inversion")
+        files.update(inversion_files)
+        markdown.append(text)
+    bar.close()
     clock.lap("images_and_metrics")
     wall, cpu = clock.total()
     results.update(

@@ -163,6 +163,47 @@ class Sampler:
         x0 = jnp.asarray(x0, jnp.float32)
         return self._run("reconstruct", num_steps, x0, self._labels(labels, x0.shape[0]))
 
+    def edit(
+        self,
+        x0: jax.Array,
+        num_steps: int,
+        source: Any,
+        target: Any,
+        guidance_scale: float = 1.0,
+        method: str = "ddim",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Inverts ``x0`` under the ``source`` labels; samples the latents under ``source`` and ``target``.
+
+        ``method`` picks the inversion: ``"ddim"`` (`ddim_jax.invert` / `ddim_jax.sample`),
+        ``"edict"`` or ``"bdia"`` (exact; the config must have ``clip_sample=False``). Both
+        directions use classifier-free guidance at ``guidance_scale`` (w = 1 is the plain
+        conditional model, at two model calls per step). Returns ``(reconstruction, edited)``:
+        the round trip under the same conditioning, and the same latents sampled under ``target``.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from ddim_jax import DDIMConfig
+          >>> sampler = Sampler.untrained(config=DDIMConfig(clip_sample=False))
+          >>> recon, edited = sampler.edit(jnp.zeros((2, 8, 8, 1)), 3, [3, 1], [8, 6], 2.0, "bdia")
+          >>> recon.shape, edited.shape
+          ((2, 8, 8, 1), (2, 8, 8, 1))
+        """
+        if method not in _EDIT_LOOPS:
+            raise ValueError(f"method must be one of {list(_EDIT_LOOPS)}, got {method!r}")
+        x0 = jnp.asarray(x0, jnp.float32)
+        source, target = self._labels(source, x0.shape[0]), self._labels(target, x0.shape[0])
+        if source is None:
+            raise ValueError("edit needs a class-conditional model (num_classes > 0)")
+        out = self._run(f"edit_{method}", num_steps, x0, source, target, jnp.float32(guidance_scale))
+        return out[: x0.shape[0]], out[x0.shape[0] :]
+
+
+_EDIT_LOOPS = {
+    "ddim": (ddim_jax.invert, ddim_jax.sample),
+    "edict": (ddim_jax.edict_invert, ddim_jax.edict_sample),
+    "bdia": (ddim_jax.bdia_invert, ddim_jax.bdia_sample),
+}
+"""Inversion methods of `Sampler.edit`: (invert, sample) loops."""
 
 _PROGRESS = _StepBar(None)  # one host-side progress sink, so compiled loops are shared by all Samplers
 
@@ -193,7 +234,7 @@ def _param_shapes(model: UNet) -> Any:
 def _loop(kind: str, model: UNet, config: ddim_jax.DDIMConfig, num_steps: int) -> Any:
     state = ddim_jax.set_timesteps(ddim_jax.create_state(config), num_steps)
     model_fn = denoiser_fn(model)
-    every = max(1, num_steps // (20 if kind != "reconstruct" else 10))
+    every = max(1, num_steps // (20 if kind in ("sample", "guided") else 10))
     progress = {"callback": _PROGRESS, "callback_every": every}
 
     if kind == "sample":
@@ -209,6 +250,18 @@ def _loop(kind: str, model: UNet, config: ddim_jax.DDIMConfig, num_steps: int) -
             both = jnp.concatenate([jnp.full_like(labels, NULL_LABEL), labels])  # [uncond, cond]
             args = {"model_args": (params, both), "guidance_scale": w, "guidance_rescale": phi}
             return ddim_jax.sample(model_fn, state, x_T, key=key, eta=eta, **args, **progress)
+
+    elif kind.startswith("edit_"):
+        invert_fn, sample_fn = _EDIT_LOOPS[kind.removeprefix("edit_")]
+
+        def guided(params, labels, w):
+            both = jnp.concatenate([jnp.full_like(labels, NULL_LABEL), labels])  # [uncond, cond]
+            return {"model_args": (params, both), "guidance_scale": w, **progress}
+
+        def run(params, x0, source, target, w):
+            latents = invert_fn(model_fn, state, x0, **guided(params, source, w))
+            twice = jax.tree.map(lambda v: jnp.concatenate([v, v]), latents)  # reconstruct and edit at once
+            return sample_fn(model_fn, state, twice, **guided(params, jnp.concatenate([source, target]), w))
 
     else:
 

@@ -1,123 +1,147 @@
-"""Exact inversion on the digits model: DDIM inversion against EDICT and BDIA, side by side.
+"""Exact inversion and editing on the class-conditional digits model: DDIM inversion, EDICT, BDIA.
 
-Each method encodes held-out digits to noise and decodes them with the same model and S;
-`inversion_table` reports the reconstruction MSE ([0, 1] pixels, as Table 2) and the largest
-round-trip error per method and S, and `inversion_grid` shows originals over reconstructions.
+Each method encodes held-out digits to noise under their own label (classifier-free guidance
+at scale w both ways) and decodes the latents twice: under the same label (the reconstruction;
+exact for EDICT and BDIA) and under another digit (the edit, ``d -> (d + 5) % 10``, e.g.
+3 -> 8). `inversion_table` reports, per method, w and S, the reconstruction MSE ([0, 1]
+pixels, as Table 2), the largest round-trip error, the classifier's accuracy for the edit's
+target digit and the edit's distance to the original; `inversion_grid` shows them.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-import ddim_jax
 from ddim_jax.demo.data import to_unit_range
 from ddim_jax.demo.experiments import Sampler
+from ddim_jax.demo.metrics import FeatureNet
 
-__all__ = ["METHODS", "reconstruct", "inversion_table", "inversion_grid", "inversion_markdown"]
+__all__ = [
+    "EDIT_SHIFT",
+    "METHODS",
+    "edit_targets",
+    "inversion_grid",
+    "inversion_markdown",
+    "inversion_table",
+    "run_inversion_part",
+]
 
 METHODS = ("ddim", "edict", "bdia")
 """Inversion methods: ``ddim`` (`ddim_jax.invert`, `ddim_jax.sample`), ``edict``, ``bdia``."""
 
-_LOOPS = {
-    "ddim": (ddim_jax.invert, ddim_jax.sample),
-    "edict": (ddim_jax.edict_invert, ddim_jax.edict_sample),
-    "bdia": (ddim_jax.bdia_invert, ddim_jax.bdia_sample),
-}
+EDIT_SHIFT = 5
+"""Edits turn digit ``d`` into ``(d + EDIT_SHIFT) % 10``."""
 
 
-@functools.lru_cache(maxsize=32)
-def _round_trip(method: str, model: Any, config: ddim_jax.DDIMConfig, num_steps: int) -> Any:
-    """The jitted invert-then-sample of ``method`` for (model, config, S); params and x0 traced."""
-    state = ddim_jax.set_timesteps(ddim_jax.create_state(config), num_steps)
-    invert_fn, sample_fn = _LOOPS[method]
-
-    def model_fn(x, t, params):
-        return model.apply(params, x, t)
-
-    def run(params, x0):
-        latents = invert_fn(model_fn, state, x0, model_args=(params,))
-        return sample_fn(model_fn, state, latents, model_args=(params,))
-
-    return jax.jit(run)
-
-
-def reconstruct(sampler: Sampler, x0: np.ndarray, num_steps: int, method: str) -> np.ndarray:
-    """Encodes ``x0`` with ``method``'s inversion and decodes it with its sampler, S steps each.
+def edit_targets(labels: np.ndarray) -> np.ndarray:
+    """The target digit of each edit: ``(label + EDIT_SHIFT) % 10``.
 
     Example:
-      >>> import numpy as np
-      >>> from ddim_jax import DDIMConfig
-      >>> sampler = Sampler.untrained(config=DDIMConfig(clip_sample=False))
-      >>> reconstruct(sampler, np.zeros((2, 8, 8, 1)), 2, "bdia").shape
-      (2, 8, 8, 1)
+      >>> edit_targets(np.array([3, 8, 0])).tolist()
+      [8, 3, 5]
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    run = _round_trip(method, sampler.model, sampler.config, num_steps)
-    return np.asarray(jax.block_until_ready(run(sampler.params, np.asarray(x0, np.float32))))
+    return (np.asarray(labels) + EDIT_SHIFT) % 10
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((to_unit_range(a) - to_unit_range(b)) ** 2))
+
+
+def _swap_distance(x0: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> float | None:
+    """Mean MSE ([0, 1] pixels) between each digit and the other digits of its target label in ``x0``."""
+    pairs = [_mse(x0[i : i + 1], x0[labels == t]) for i, t in enumerate(targets) if np.any(labels == t)]
+    return float(np.mean(pairs)) if pairs else None
 
 
 def inversion_table(
-    sampler: Sampler, x0: np.ndarray, *, steps: Sequence[int], methods: Sequence[str] = METHODS
-) -> tuple[dict[str, Any], dict[tuple[str, int], np.ndarray]]:
-    """Reconstruction error of invert-then-sample per method and S, on the same digits.
+    sampler: Sampler,
+    features: FeatureNet,
+    x0: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: Sequence[int],
+    guidance_scales: Sequence[float],
+    methods: Sequence[str] = METHODS,
+) -> tuple[dict[str, Any], dict[tuple[str, float, int], tuple[np.ndarray, np.ndarray]]]:
+    """Reconstructions and edits of ``x0`` per method, guidance scale w and S, with their metrics.
 
     Returns:
-      ``(table, reconstructions)``: the table as a JSON-ready dict (``mse`` on [0, 1] pixels,
-      ``max_rel_err``: the largest |error| over the largest |x0| in [-1, 1] units, and
-      ``seconds`` per cell, compilation included), and the reconstructions per (method, S).
+      ``(table, images)``: the table as a JSON-ready dict, keyed ``[method]["w"][str(S)]``:
+      ``mse`` (reconstruction, [0, 1] pixels), ``max_rel_err`` (largest |error| over max |x0|,
+      [-1, 1] units), ``edit_accuracy`` (the classifier's accuracy for the target digit),
+      ``edit_distance`` (the edit's MSE to the original, [0, 1] pixels) and ``seconds`` (per
+      cell, compilation included); and ``images[method, w, S] = (reconstruction, edit)``.
 
-    Example:
-      >>> import numpy as np
+    Example (an untrained model; raw pixels and a constant guess stand in for the classifier):
       >>> from ddim_jax import DDIMConfig
       >>> sampler = Sampler.untrained(config=DDIMConfig(clip_sample=False))
-      >>> x0 = np.zeros((2, 8, 8, 1))
-      >>> table, recon = inversion_table(sampler, x0, steps=[2], methods=["ddim", "edict"])
-      >>> list(table["mse"]), list(table["mse"]["edict"]), recon["edict", 2].shape
-      (['ddim', 'edict'], ['2'], (2, 8, 8, 1))
+      >>> guess = FeatureNet(lambda x: x.reshape(len(x), -1), 1.0, lambda x: np.full(len(x), 8))
+      >>> x0, labels = np.zeros((2, 8, 8, 1)), np.array([3, 1])
+      >>> table, images = inversion_table(sampler, guess, x0, labels, steps=[2], guidance_scales=[1.0])
+      >>> table["cells"]["bdia"]["1"]["2"]["edit_accuracy"], images["edict", 1.0, 2][1].shape
+      (0.5, (2, 8, 8, 1))
     """
-    target = to_unit_range(x0)
+    labels = np.asarray(labels)
+    targets = edit_targets(labels)
     scale = float(np.max(np.abs(x0))) or 1.0
-    mse: dict[str, dict[str, float]] = {}
-    max_rel: dict[str, dict[str, float]] = {}
-    seconds: dict[str, dict[str, float]] = {}
-    recon = {}
+    cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    images = {}
     for method in methods:
-        mse[method], max_rel[method], seconds[method] = {}, {}, {}
-        for s in steps:
-            start = time.perf_counter()
-            out = reconstruct(sampler, x0, s, method)
-            seconds[method][str(s)] = time.perf_counter() - start
-            mse[method][str(s)] = float(np.mean((to_unit_range(out) - target) ** 2))
-            max_rel[method][str(s)] = float(np.max(np.abs(out - x0)) / scale)
-            recon[method, s] = out
+        cells[method] = {}
+        for w in guidance_scales:
+            row = cells[method][f"{w:g}"] = {}
+            for s in steps:
+                start = time.perf_counter()
+                recon, edited = sampler.edit(x0, s, labels, targets, w, method)
+                row[str(s)] = {
+                    "mse": _mse(recon, x0),
+                    "max_rel_err": float(np.max(np.abs(recon - x0)) / scale),
+                    "edit_accuracy": float(np.mean(features.predict(edited) == targets)),
+                    "edit_distance": _mse(edited, x0),
+                    "seconds": time.perf_counter() - start,
+                }
+                images[method, w, s] = (recon, edited)
     table = {
-        "metric": "per-pixel MSE on the [0, 1] scale of invert-then-sample, same model, S and conditioning",
+        "metric": (
+            "invert under the digit's label, sample under the same label (reconstruction: MSE on [0, 1] "
+            f"pixels) and under (digit + {EDIT_SHIFT}) % 10 (edit: classifier accuracy for the target, "
+            "MSE to the original); classifier-free guidance at w both ways"
+        ),
         "num_digits": len(x0),
         "steps": list(steps),
-        "mse": mse,
-        "max_rel_err": max_rel,
-        "seconds": seconds,
+        "guidance_scales": list(guidance_scales),
+        "cells": cells,
+        "original_accuracy": float(np.mean(features.predict(x0) == labels)),
+        "original_target_accuracy": float(np.mean(features.predict(x0) == targets)),
+        "swap_distance": _swap_distance(x0, labels, targets),
+        "config": sampler.config.to_dict(),
     }
-    return table, recon
+    return table, images
 
 
-def inversion_grid(x0: np.ndarray, recon: dict[tuple[str, int], np.ndarray], num_steps: int, ncols: int = 10):
-    """Rows of images in [0, 1]: the originals, then each method's reconstructions at ``num_steps``.
+def inversion_grid(
+    x0: np.ndarray,
+    images: dict[tuple[str, float, int], tuple[np.ndarray, np.ndarray]],
+    guidance_scale: float,
+    num_steps: int,
+    ncols: int = 10,
+) -> np.ndarray:
+    """Rows of images in [0, 1]: the originals, then per method its reconstructions and its edits.
 
     Example:
-      >>> import numpy as np
       >>> x = np.zeros((3, 8, 8, 1))
-      >>> inversion_grid(x, {("ddim", 5): x, ("bdia", 5): x}, 5).shape
-      (9, 8, 8, 1)
+      >>> inversion_grid(x, {("ddim", 1.0, 5): (x, x), ("bdia", 1.0, 5): (x, x)}, 1.0, 5).shape
+      (15, 8, 8, 1)
     """
-    rows = [x0[:ncols]] + [images[:ncols] for (method, s), images in recon.items() if s == num_steps]
+    rows = [x0[:ncols]]
+    for (_, w, s), pair in images.items():
+        if w == guidance_scale and s == num_steps:
+            rows += [batch[:ncols] for batch in pair]
     return to_unit_range(np.concatenate(rows))
 
 
@@ -125,83 +149,79 @@ def inversion_markdown(table: dict[str, Any]) -> str:
     """Renders `inversion_table`'s table as markdown.
 
     Example:
-      >>> t = {"steps": [10], "num_digits": 4, "mse": {"bdia": {"10": 1e-14}},
-      ...      "max_rel_err": {"bdia": {"10": 3e-7}}, "seconds": {"bdia": {"10": 1.0}}}
+      >>> cell = {"mse": 1e-14, "max_rel_err": 3e-7, "edit_accuracy": 0.9, "edit_distance": 0.05}
+      >>> t = {"steps": [10], "num_digits": 4, "cells": {"bdia": {"3": {"10": cell}}},
+      ...      "original_accuracy": 1.0, "original_target_accuracy": 0.0, "swap_distance": 0.1}
       >>> print(inversion_markdown(t).splitlines()[4])
-      | bdia | 1.00e-14 | 3.0e-07 |
+      | bdia | 3 | 1.00e-14 / 3.0e-07 / 0.90 / 0.050 |
     """
     steps = table["steps"]
+    swap = table["swap_distance"]
     lines = [
-        f"### Reconstruction of {table['num_digits']} held-out digits: MSE ([0, 1] pixels) | "
-        "largest round-trip error / max |x0|",
+        f"### Inversion and editing: {table['num_digits']} held-out digits, d -> (d + {EDIT_SHIFT}) % 10",
         "",
-        "| method \\ S | " + " | ".join(f"{s} MSE | {s} max err" for s in steps) + " |",
-        "|---|" + "---|---|" * len(steps),
+        "| method | w | "
+        + " | ".join(f"S = {s}: MSE / max err / edit acc / edit dist" for s in steps)
+        + " |",
+        "|---|---|" + "---|" * len(steps),
     ]
-    for method, row in table["mse"].items():
-        cells = [f"{row[str(s)]:.2e} | {table['max_rel_err'][method][str(s)]:.1e}" for s in steps]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, rows in table["cells"].items():
+        for w, row in rows.items():
+            cells = [
+                f"{c['mse']:.2e} / {c['max_rel_err']:.1e} / "
+                f"{c['edit_accuracy']:.2f} / {c['edit_distance']:.3f}"
+                for c in (row[str(s)] for s in steps)
+            ]
+            lines.append(f"| {method} | {w} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "MSE: reconstruction (invert, then sample under the same label and w), [0, 1] pixels; max err: its "
+        "largest |error| over max |x0|; edit acc: the classifier's accuracy for the target digit; edit dist: "
+        f"the edit's MSE to the original. Originals: accuracy {table['original_accuracy']:.2f} for their own "
+        f"digit, {table['original_target_accuracy']:.2f} for the target; MSE between a digit and held-out "
+        f"digits of its target class: {'n/a' if swap is None else f'{swap:.3f}'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def run_inversion_part(
-    args: Any,
-    model: Any,
-    params: Any,
-    settings: Any,
-    digits: Any,
-    out: Any,
+    sampler: Sampler,
+    features: FeatureNet,
+    x0: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
     *,
-    cached: bool,
-    train_time: float,
-    start: float,
-) -> dict[str, Any]:
-    """``ddim-jax demo --part inversion``: the table, the grid, ``inversion.md`` and ``inversion.json``.
+    steps: Sequence[int],
+    guidance_scales: Sequence[float],
+) -> tuple[dict[str, Any], dict[str, str], str]:
+    """``ddim-jax demo --parts inversion``: the table, one PNG grid per w (at the smallest S), markdown.
 
-    Called by `ddim_jax.demo.cli.run_demo` with the loaded (or trained) model.
+    Returns ``(table, files, markdown)``; `ddim_jax.demo.cli.run_demo` adds them to the results.
 
-    Example (an untrained model; the printed table is swallowed here):
-      >>> import argparse, contextlib, io, tempfile
-      >>> from pathlib import Path
-      >>> from ddim_jax.demo.data import load_digits_split
-      >>> from ddim_jax.demo.train import TrainSettings
-      >>> s, untrained = TrainSettings(channels=(4,)), Sampler.untrained()
-      >>> args = argparse.Namespace(num_recon=2, inversion_steps=(2,))
-      >>> with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-      ...     results = run_inversion_part(args, untrained.model, untrained.params, s, load_digits_split(),
-      ...                                  Path(d), cached=False, train_time=0.0, start=0.0)
-      >>> sorted(results["inversion"]["mse"]), results["files"]
-      (['bdia', 'ddim', 'edict'], {'grid': 'inversion_S2.png'})
+    Example (an untrained model; a constant guess stands in for the classifier):
+      >>> import tempfile
+      >>> from ddim_jax import DDIMConfig
+      >>> sampler = Sampler.untrained(config=DDIMConfig(clip_sample=False))
+      >>> guess = FeatureNet(lambda x: x.reshape(len(x), -1), 1.0, lambda x: np.full(len(x), 8))
+      >>> x0, labels = np.zeros((2, 8, 8, 1)), np.array([3, 1])
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     table, files, text = run_inversion_part(sampler, guess, x0, labels, Path(d),
+      ...                                             steps=[2], guidance_scales=[2.0])
+      >>> sorted(table["cells"]), files
+      (['bdia', 'ddim', 'edict'], {'inversion_w2': 'inversion_w2_S2.png'})
     """
-    import json
-    import os
-
     from ddim_jax.demo.png import image_grid, write_png
 
-    sampler = Sampler(model, params, settings.scheduler_config(False))
-    x0 = digits.x_test[: min(args.num_recon, len(digits.x_test))]
-    t0 = time.perf_counter()
-    table, recon = inversion_table(sampler, x0, steps=args.inversion_steps)
-    seconds = time.perf_counter() - t0
-    s_grid = min(args.inversion_steps)
-    files = {"grid": f"inversion_S{s_grid}.png"}
-    write_png(out / files["grid"], image_grid(inversion_grid(x0, recon, s_grid), ncols=10))
-    timing = (
-        f"\nRows of {files['grid']}: originals, then the reconstructions of "
-        f"{', '.join(METHODS)} at S = {s_grid}.\n"
-        f"Inversion part {seconds:.1f} s ({len(METHODS) * len(args.inversion_steps)} compilations "
-        f"included; denoiser {'loaded' if cached else 'trained'} in {train_time:.1f} s before it) "
-        f"on {jax.devices()[0].platform} with {os.cpu_count()} cores.\n"
+    table, images = inversion_table(
+        sampler, features, x0, labels, steps=steps, guidance_scales=guidance_scales
     )
-    markdown = inversion_markdown(table) + timing
-    results = {
-        "inversion": table,
-        "train_settings": settings.to_dict(),
-        "params_from_cache": cached,
-        "seconds": {"train_or_load": train_time, "inversion": seconds, "total": time.perf_counter() - start},
-        "files": files,
-    }
-    (out / "inversion.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "inversion.md").write_text(markdown)
-    print(markdown)
-    return results
+    s_grid, ncols = min(steps), min(10, len(x0))
+    files = {}
+    for w in guidance_scales:
+        name = files[f"inversion_w{w:g}"] = f"inversion_w{w:g}_S{s_grid}.png"
+        write_png(out / name, image_grid(inversion_grid(x0, images, w, s_grid, ncols), ncols=ncols))
+    markdown = inversion_markdown(table) + (
+        f"\nRows of {', '.join(files.values())}: originals, then per method ({', '.join(METHODS)}) "
+        f"its reconstructions and its edits, at S = {s_grid}.\n"
+    )
+    return table, files, markdown
