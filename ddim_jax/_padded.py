@@ -54,8 +54,7 @@ def _float64_corrections(config: DDIMConfig, max_steps: int) -> tuple[np.ndarray
     steps, indices, deltas = [], [], []
     for s in range(1, max_steps + 1):
         index = np.arange(s)
-        # trailing gives S + 1 entries for some S (numpy's arange; diffusers too): the first S count
-        reference = inference_timesteps(config, s)[:s]
+        reference = inference_timesteps(config, s)
         delta = reference - _spaced(config, s, index)
         (where,) = np.nonzero(delta)
         steps.append(np.full(where.size, s))

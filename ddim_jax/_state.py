@@ -152,7 +152,9 @@ def inference_timesteps(config: DDIMConfig, num_inference_steps: int) -> np.ndar
     if config.timestep_spacing == "leading":
         ratio = n_train // s
         return (np.arange(0, s) * ratio).round()[::-1].astype(np.int64) + config.steps_offset
-    return np.round(np.arange(n_train, 0, -n_train / s)).astype(np.int64) - 1  # trailing
+    # trailing: numpy's arange rounds to S + 1 entries for some S (61, 103, ... at T = 1000), the
+    # last one ~1e-13 that becomes timestep -1 (so does diffusers'); the first S are the schedule.
+    return np.round(np.arange(n_train, 0, -n_train / s)[:s]).astype(np.int64) - 1
 
 
 def _check_num_inference_steps(config: DDIMConfig, num_inference_steps: object) -> int:
@@ -257,9 +259,7 @@ def set_timesteps(
       the static ``set_timesteps(state, S)``'s exactly and entries ``[S, M)`` are -1, and
       ``state.num_steps`` holds S. `sample` and `invert` run S steps of it (S model calls) in
       one program for every S. An S outside [1, M] known in Python raises; a traced one makes
-      those loops return NaN. (For the S where numpy's ``arange`` gives ``trailing`` spacing
-      S + 1 entries, the last one -1, as in diffusers, the static schedule keeps that extra
-      step and this one holds the first S.)
+      those loops return NaN.
     - ``set_timesteps(state, timesteps=ts)``: a user-supplied descending schedule of distinct
       ints in [0, T) (e.g. Align Your Steps, or the DDIM paper's quadratic spacing), static
       when ``ts`` is known in Python; with ``num_inference_steps=S`` it is a padded table of

@@ -112,3 +112,25 @@ def test_report_largest_errors(capsys):
         pytest.skip("run with the whole module to see the summary")
     with capsys.disabled():
         print(f"\nlive parity ({NUM_CONFIGS} random configs): {summarize(ERRORS)}")
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_timesteps_match_diffusers_for_every_s(spacing):
+    """All S in [1, T] at T = 1000: diffusers' timesteps, except that where numpy's arange gives
+    trailing spacing S + 1 entries (S = 61, 103, ...: a last timestep of -1, which diffusers keeps
+    and then calls the model at), ddim_jax has the first S."""
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler(timestep_spacing=spacing, steps_offset=0)
+    state = ddim_jax.create_state(ddim_jax.DDIMConfig(timestep_spacing=spacing))
+    extra = []
+    for s in range(1, 1001):
+        reference.set_timesteps(s)
+        expected = reference.timesteps.numpy()
+        if len(expected) == s + 1:
+            assert spacing == "trailing" and expected[-1] == -1, s
+            extra.append(s)
+            expected = expected[:s]
+        ours = ddim_jax.set_timesteps(state, s).timesteps
+        np.testing.assert_array_equal(np.asarray(ours), expected, err_msg=f"S={s}")
+    assert len(extra) == (62 if spacing == "trailing" else 0)

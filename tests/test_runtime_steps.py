@@ -57,9 +57,8 @@ def test_padded_schedule_equals_the_static_one_for_every_s(n_train, max_steps, c
         except ValueError:  # steps_offset pushes past T - 1: the runtime loops flag it
             assert row[:s].max() >= n_train
             continue
-        # trailing gives S + 1 entries at some S (numpy's arange, as diffusers): the first S count
-        np.testing.assert_array_equal(row[:s], np.asarray(static.timesteps)[:s], err_msg=f"S={s}")
-        np.testing.assert_array_equal(prev_row[:s], np.asarray(static.prev_timesteps)[:s], err_msg=f"S={s}")
+        np.testing.assert_array_equal(row[:s], np.asarray(static.timesteps), err_msg=f"S={s}")
+        np.testing.assert_array_equal(prev_row[:s], np.asarray(static.prev_timesteps), err_msg=f"S={s}")
         assert (row[s:] == -1).all() and (prev_row[s:] == -1).all()
         checked += 1
     assert checked >= max_steps - 10
