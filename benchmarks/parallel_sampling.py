@@ -38,9 +38,10 @@ GPU_UNET = ((1, 64, 64, 4), (64, 128))
 
 
 def demo_model(quick: bool, with_quality: bool):
-    """(model, params, scheduler config, feature net, reference digits); the last two are None
-    without ``with_quality``, and then cached parameters load without the digits."""
-    from ddim_jax.demo.data import load_digits_split
+    """(model, params, scheduler config, feature net, reference digits): the demo's class-conditional
+    epsilon model (part ``ddim``'s); the last two are None without ``with_quality``, and then cached
+    parameters load without the digits. References are brightness-varied like the demo's."""
+    from ddim_jax.demo.data import load_digits_split, vary_brightness
     from ddim_jax.demo.metrics import FeatureNet, default_feature_net
     from ddim_jax.demo.train import TrainSettings, cache_path, load_or_train, make_model
 
@@ -49,38 +50,47 @@ def demo_model(quick: bool, with_quality: bool):
     else:
         settings, cache_dir = TrainSettings(), CACHE_DIR
     if not with_quality and cache_dir is not None and cache_path(settings, cache_dir).is_file():
-        params, _ = load_or_train(settings, None, cache_dir, progress=False)  # no scikit-learn needed
+        params, _ = load_or_train(settings, None, None, cache_dir, progress=False)  # no scikit-learn needed
         return make_model(settings), params, settings.scheduler_config(), None, None
     digits = load_digits_split()
-    params, _ = load_or_train(settings, digits.x_train, cache_dir, progress=False)
+    params, _ = load_or_train(settings, digits.x_train, digits.y_train, cache_dir, progress=False)
     features = None
     if with_quality:
         pixels = FeatureNet(lambda x: np.reshape(np.asarray(x, np.float64), (len(x), -1)), 1.0)
         features = pixels if quick else default_feature_net(0)
-    return make_model(settings), params, settings.scheduler_config(), features, digits.x_train
+    x_reference = np.asarray(vary_brightness(digits.x_train, jax.random.key(100)))  # as the demo's tables
+    return make_model(settings), params, settings.scheduler_config(), features, x_reference
+
+
+def labelled_model_fn(model):
+    """``model_fn(x, t, params, labels)``; ``labels`` (one per example) are ignored by an
+    unconditional model (``num_classes == 0``, the GPU part's random UNet)."""
+
+    def model_fn(x, t, params, labels):
+        return model.apply(params, x, t, labels=labels if model.num_classes else None)
+
+    return model_fn
 
 
 @functools.lru_cache(maxsize=16)
 def samplers(model, config, steps: int, window: int):
     """Jitted ``sample`` on a batch and ``parallel_sample`` on each example alone (vmapped)."""
     state = ddim_jax.set_timesteps(ddim_jax.create_state(config), steps)
-
-    def model_fn(x, t, params):
-        return model.apply(params, x, t)
+    model_fn = labelled_model_fn(model)
 
     @jax.jit
-    def sequential(params, x):
-        return ddim_jax.sample(model_fn, state, x, model_args=(params,))
+    def sequential(params, x, labels):
+        return ddim_jax.sample(model_fn, state, x, model_args=(params, labels))
 
     @jax.jit
-    def parallel(params, x, tolerance):
-        def one(x):
+    def parallel(params, x, labels, tolerance):
+        def one(x, label):
             out = ddim_jax.parallel_sample(
-                model_fn, state, x[None], window=window, tolerance=tolerance, model_args=(params,)
+                model_fn, state, x[None], window=window, tolerance=tolerance, model_args=(params, label[None])
             )
             return out.sample[0], out.iterations, out.converged
 
-        return jax.vmap(one)(x)
+        return jax.vmap(one)(x, labels)
 
     return sequential, parallel
 
@@ -105,11 +115,13 @@ def bootstrap_std(features, reference, images, seed: int = 0) -> float:
 
 
 def quality_rows(model, params, config, features, x_reference, quick: bool) -> tuple[list, list]:
+    from ddim_jax.demo.experiments import balanced_labels
     from ddim_jax.demo.metrics import feature_stats
 
     reference = feature_stats(features.features(x_reference))
     n = 8 if quick else NUM_SAMPLES
     x_T = jax.random.normal(jax.random.key(0), (n, 8, 8, 1), jnp.float32)
+    labels = jnp.asarray(balanced_labels(n), jnp.int32)  # the ten digits in equal shares, as Table 1
     rows, skipped = [], []
     for steps in (10,) if quick else STEPS:
         if B.out_of_time():
@@ -117,11 +129,11 @@ def quality_rows(model, params, config, features, x_reference, quick: bool) -> t
             continue
         window = min(WINDOW, steps)
         sequential, parallel = samplers(model, config, steps, window)
-        exact = np.asarray(B.block(sequential(params, x_T)))
+        exact = np.asarray(B.block(sequential(params, x_T, labels)))
         base, noise = fcd(features, reference, exact), bootstrap_std(features, reference, exact)
         rows.append([steps, "sample", "-", steps, steps, "1", f"{base:.2f} +- {noise:.2f}", "-", "-"])
         for tolerance in (0.1,) if quick else (TOLERANCES_S1000 if steps == 1000 else TOLERANCES):
-            images, iterations, converged = B.block(parallel(params, x_T, jnp.float32(tolerance)))
+            images, iterations, converged = B.block(parallel(params, x_T, labels, jnp.float32(tolerance)))
             images, iterations = np.asarray(images), np.asarray(iterations)
             assert bool(np.all(converged)), (steps, tolerance)
             score = fcd(features, reference, images)
@@ -156,13 +168,12 @@ def latency_rows(
     """
     state = ddim_jax.set_timesteps(ddim_jax.create_state(config), steps)
     x = B.latents(shape)
-
-    def model_fn(x, t, params):
-        return model.apply(params, x, t)
+    labels = jnp.zeros(shape[:1], jnp.int32)  # digit 0 (ignored by an unconditional model)
+    model_fn = labelled_model_fn(model)
 
     contenders, rounds, compile_s = {}, {}, {}
     compiled, lo, co = B.compile_jit(
-        lambda p, x: ddim_jax.sample(model_fn, state, x, model_args=(p,)), params, x
+        lambda p, x: ddim_jax.sample(model_fn, state, x, model_args=(p, labels)), params, x
     )
     contenders["sample"], rounds["sample"], compile_s["sample"] = (
         functools.partial(lambda c: B.block(c(params, x)), compiled),
@@ -176,7 +187,7 @@ def latency_rows(
 
         def run(p, x, tol, window=window, cap=cap):
             out = ddim_jax.parallel_sample(
-                model_fn, state, x, window=window, tolerance=tol, max_iterations=cap, model_args=(p,)
+                model_fn, state, x, window=window, tolerance=tol, max_iterations=cap, model_args=(p, labels)
             )
             return out.sample, out.iterations
 
