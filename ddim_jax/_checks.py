@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import jax
@@ -33,6 +34,17 @@ def is_int_scalar(value: Any) -> bool:
     return isinstance(value, int) or (
         dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(value) == 0
     )
+
+
+def check_positive_int(name: str, value: Any, what: str = "") -> int:
+    """A Python int >= 1 (not a bool); ``what`` explains the parameter in the error."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = 0
+    if isinstance(value, bool) or number < 1:
+        raise ValueError(f"{name} must be an int >= 1{what}, got {value!r}")
+    return number
 
 
 def check_ready(state: DDIMState, fn: str) -> None:

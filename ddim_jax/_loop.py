@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax._checks import check_same_shape, check_static_schedule, is_int_scalar, is_traced, shown
+from ddim_jax._checks import (
+    check_positive_int,
+    check_same_shape,
+    check_static_schedule,
+    is_int_scalar,
+    is_traced,
+    shown,
+)
 from ddim_jax._guidance import classifier_free_guidance
 from ddim_jax._noise import is_per_example
 from ddim_jax._padded import schedule_is_valid
@@ -130,12 +137,7 @@ def check_loop_options(latents: Any, callback: Any, callback_every: Any) -> None
         raise ValueError("latents must have a leading batch axis, got a scalar")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    try:
-        every = operator.index(callback_every)
-    except TypeError:
-        every = 0
-    if every < 1:
-        raise ValueError(f"callback_every must be an int >= 1, got {callback_every!r}")
+    check_positive_int("callback_every", callback_every)
 
 
 def check_start_step(start_step: Any, num_inference_steps: int) -> int:
@@ -162,13 +164,7 @@ def check_runtime_start_step(start_step: Any, num_inference_steps: int | jax.Arr
 
 
 def check_unroll(unroll: Any) -> int:
-    try:
-        value = operator.index(unroll)
-    except TypeError:
-        value = 0
-    if isinstance(unroll, bool) or value < 1:
-        raise ValueError(f"unroll must be an int >= 1, got {unroll!r}")
-    return value
+    return check_positive_int("unroll", unroll)
 
 
 def check_runtime_options(fn: str, state: Any, remat: bool, unroll: Any = 1) -> None:
@@ -206,6 +202,17 @@ def check_runtime_key(key: Any) -> None:
         )
 
 
+def report(
+    callback: StepCallback, every: int, count: jax.Array, last: jax.Array, t: jax.Array, out: StepOutput
+) -> None:
+    """Calls ``callback(count, t, x0)`` on the host every ``every`` steps and at the last one."""
+    jax.lax.cond(
+        (count % every == 0) | last,
+        lambda: jax.debug.callback(callback, count, t, out.pred_original_sample),
+        lambda: None,
+    )
+
+
 def scan_steps(
     update: Callable[[jax.Array, Any], StepOutput],
     x: jax.Array,
@@ -230,12 +237,7 @@ def scan_steps(
         index, step_inputs = inputs
         out = step_fn(x, step_inputs)
         if callback is not None:
-            due = (index % callback_every == 0) | (index == num_steps - 1)
-            jax.lax.cond(
-                due,
-                lambda: jax.debug.callback(callback, index, step_inputs[0], out.pred_original_sample),
-                lambda: None,
-            )
+            report(callback, callback_every, index, index == num_steps - 1, step_inputs[0], out)
         return out.prev_sample, (Trajectory(*out) if return_trajectory else None)
 
     indices = jnp.arange(num_steps, dtype=jnp.int32)
@@ -276,12 +278,7 @@ def padded_steps(
         step_inputs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
         out = update(x, step_inputs)
         if callback is not None:
-            due = (count % callback_every == 0) | (i == stop - 1)
-            jax.lax.cond(
-                due,
-                lambda: jax.debug.callback(callback, count, step_inputs[0], out.pred_original_sample),
-                lambda: None,
-            )
+            report(callback, callback_every, count, i == stop - 1, step_inputs[0], out)
         if return_trajectory:
             trajectory = Trajectory(*(rows.at[count].set(v) for rows, v in zip(trajectory, out, strict=True)))
         return out.prev_sample, trajectory

@@ -10,14 +10,20 @@ iteration reaches `sample`'s trajectory (its fixed point) to float32 round-off.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax._checks import check_eta, check_ready, check_static_schedule, compute_dtype, is_traced
+from ddim_jax._checks import (
+    check_eta,
+    check_positive_int,
+    check_ready,
+    check_static_schedule,
+    compute_dtype,
+    is_traced,
+)
 from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_start_step
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._state import DDIMState
@@ -61,16 +67,6 @@ class _Carry(NamedTuple):
     x_start: jax.Array  # (batch, ...): the sample before step `begin`, final
     guess: jax.Array  # (window, batch, ...): the samples after steps begin .. begin + window - 1
     residuals: jax.Array  # (S' + window,): see ParallelResult.residuals
-
-
-def _check_window(window: Any) -> int:
-    try:
-        p = operator.index(window)
-    except TypeError:
-        p = 0
-    if isinstance(window, bool) or p < 1:
-        raise ValueError(f"window must be an int >= 1 (steps per batched model call), got {window!r}")
-    return p
 
 
 def _check_tolerance(tolerance: Any) -> None:
@@ -173,7 +169,7 @@ def parallel_sample(
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
     num_steps = state.num_inference_steps - start
-    p = min(_check_window(window), num_steps)
+    p = min(check_positive_int("window", window, " (steps per batched model call)"), num_steps)
     _check_tolerance(tolerance)
     max_iterations = _check_max_iterations(max_iterations, num_steps)
     if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):

@@ -206,6 +206,23 @@ def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
         raise ValueError(f"timesteps must be in descending order, got {values}")
 
 
+def _static_schedule(state: DDIMState, timesteps: np.ndarray) -> DDIMState:
+    """``state`` with the static schedule ``timesteps`` (host ints, descending) and the previous
+    timestep of each step per ``config.prev_timestep_rule``."""
+    config = state.config
+    if config.prev_timestep_rule == "diffusers":
+        prev = timesteps - config.num_train_timesteps // len(timesteps)
+    else:
+        prev = np.append(timesteps[1:], -1)
+    return dataclasses.replace(
+        state,
+        # cast on the host and device_put: jnp.asarray compiles a conversion per new S
+        timesteps=jax.device_put(timesteps.astype(np.int32)),
+        prev_timesteps=jax.device_put(prev.astype(np.int32)),
+        num_steps=None,
+    )
+
+
 def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max_steps: object) -> DDIMState:
     """`set_timesteps` with user-supplied ``timesteps``: static, or padded with a count."""
     config = state.config
@@ -222,16 +239,7 @@ def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max
     if num_steps is None and not traced:  # a static schedule
         values = np.asarray(timesteps, np.int64)
         _check_custom_timesteps(config, values)
-        if config.prev_timestep_rule == "diffusers":
-            prev = values - config.num_train_timesteps // length
-        else:
-            prev = np.append(values[1:], -1)
-        return dataclasses.replace(
-            state,
-            timesteps=jax.device_put(values.astype(np.int32)),
-            prev_timesteps=jax.device_put(prev.astype(np.int32)),
-            num_steps=None,
-        )
+        return _static_schedule(state, values)
     count = _runtime_count(length if num_steps is None else num_steps, length)
     if not traced and not isinstance(count, jax.core.Tracer):
         _check_custom_timesteps(config, np.asarray(timesteps, np.int64)[: int(count)])
@@ -302,14 +310,4 @@ def set_timesteps(
             f"num_train_timesteps - 1 = {config.num_train_timesteps - 1} for "
             f"num_inference_steps={s}"
         )
-    if config.prev_timestep_rule == "diffusers":
-        prev = timesteps - config.num_train_timesteps // s
-    else:
-        prev = np.append(timesteps[1:], -1)
-    return dataclasses.replace(
-        state,
-        # cast on the host and device_put: jnp.asarray compiles a conversion per new S
-        timesteps=jax.device_put(timesteps.astype(np.int32)),
-        prev_timesteps=jax.device_put(prev.astype(np.int32)),
-        num_steps=None,
-    )
+    return _static_schedule(state, timesteps)
