@@ -15,12 +15,8 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_loop_options,
-    check_runtime_options,
-    check_runtime_start_step,
-    check_start_step,
-    check_unroll,
-    padded_steps,
-    scan_steps,
+    check_schedule_options,
+    run_steps,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
@@ -133,13 +129,7 @@ def invert(
     """
     check_ready(state, "invert")
     check_loop_options(x0, callback, callback_every)
-    runtime = state.has_runtime_length or is_traced(start_step)
-    if runtime:
-        start = check_runtime_start_step(start_step, state.num_inference_steps)
-        check_runtime_options("invert", state, remat, unroll)
-    else:
-        start = check_start_step(start_step, state.num_inference_steps)
-        unroll = check_unroll(unroll)
+    runtime, start, unroll = check_schedule_options("invert", state, start_step, remat, unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     config = state.config
@@ -155,29 +145,17 @@ def invert(
         t, coef = step_inputs
         return _inverse_update(config, coef, model(x, t), x)
 
-    if runtime:
-        x, trajectory = padded_steps(
-            update,
-            jnp.asarray(x0, dtype),
-            (timesteps, coefs),
-            schedule=state.timesteps,
-            num_steps=state.num_inference_steps,
-            start_step=start,
-            num_train_timesteps=config.num_train_timesteps,
-            reverse=True,
-            return_trajectory=return_trajectory,
-            callback=callback,
-            callback_every=callback_every,
-        )
-        return (x, trajectory) if return_trajectory else x
-    x, trajectory = scan_steps(
+    return run_steps(
         update,
         jnp.asarray(x0, dtype),
         (timesteps, coefs),
+        state,
+        runtime=runtime,
+        start=start,
+        reverse=True,
         return_trajectory=return_trajectory,
         callback=callback,
         callback_every=callback_every,
         remat=remat,
         unroll=unroll,
     )
-    return (x, trajectory) if return_trajectory else x

@@ -167,6 +167,19 @@ def check_unroll(unroll: Any) -> int:
     return check_positive_int("unroll", unroll)
 
 
+def check_schedule_options(
+    fn: str, state: Any, start_step: Any, remat: bool, unroll: Any
+) -> tuple[bool, int | jax.Array, int]:
+    """``(runtime, start, unroll)`` for a loop that runs either loop: the runtime-length one
+    (`padded_steps`: a runtime-length state or a traced ``start_step``) or the static scan."""
+    runtime = state.has_runtime_length or is_traced(start_step)
+    if runtime:
+        start = check_runtime_start_step(start_step, state.num_inference_steps)
+        check_runtime_options(fn, state, remat, unroll)
+        return True, start, 1
+    return False, check_start_step(start_step, state.num_inference_steps), check_unroll(unroll)
+
+
 def check_runtime_options(fn: str, state: Any, remat: bool, unroll: Any = 1) -> None:
     """Options the runtime-length loop (`padded_steps`) cannot honour."""
     if check_unroll(unroll) != 1:
@@ -288,3 +301,37 @@ def padded_steps(
         empty = Trajectory(*(jnp.full((max_steps, *x.shape), jnp.nan, x.dtype) for _ in range(2)))
     x, trajectory = jax.lax.fori_loop(start_step, stop, body, (x, empty))
     return jnp.where(valid, x, jnp.nan), trajectory
+
+
+def run_steps(
+    update: Callable[[jax.Array, Any], StepOutput],
+    x: jax.Array,
+    xs: tuple,
+    state: Any,
+    *,
+    runtime: bool,
+    start: int | jax.Array,
+    reverse: bool,
+    return_trajectory: bool,
+    callback: StepCallback | None,
+    callback_every: int,
+    remat: bool,
+    unroll: int,
+) -> jax.Array | tuple[jax.Array, Trajectory]:
+    """`padded_steps` (``runtime``) or `scan_steps` over ``xs``; the sample, or ``(sample, trajectory)``."""
+    common = {"return_trajectory": return_trajectory, "callback": callback, "callback_every": callback_every}
+    if runtime:
+        x, trajectory = padded_steps(
+            update,
+            x,
+            xs,
+            schedule=state.timesteps,
+            num_steps=state.num_inference_steps,
+            start_step=start,
+            num_train_timesteps=state.config.num_train_timesteps,
+            reverse=reverse,
+            **common,
+        )
+    else:
+        x, trajectory = scan_steps(update, x, xs, remat=remat, unroll=unroll, **common)
+    return (x, trajectory) if return_trajectory else x

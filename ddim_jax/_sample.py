@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_eta, check_ready, compute_dtype, is_traced
+from ddim_jax._checks import check_eta, check_ready, compute_dtype
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
@@ -15,12 +15,8 @@ from ddim_jax._loop import (
     Trajectory,
     check_loop_options,
     check_runtime_key,
-    check_runtime_options,
-    check_runtime_start_step,
-    check_start_step,
-    check_unroll,
-    padded_steps,
-    scan_steps,
+    check_schedule_options,
+    run_steps,
 )
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._state import DDIMState
@@ -145,13 +141,7 @@ def sample(
     """
     check_ready(state, "sample")
     check_loop_options(latents, callback, callback_every)
-    runtime = state.has_runtime_length or is_traced(start_step)
-    if runtime:
-        start = check_runtime_start_step(start_step, state.num_inference_steps)
-        check_runtime_options("sample", state, remat, unroll)
-    else:
-        start = check_start_step(start_step, state.num_inference_steps)
-        unroll = check_unroll(unroll)
+    runtime, start, unroll = check_schedule_options("sample", state, start_step, remat, unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
@@ -179,29 +169,17 @@ def sample(
             config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
         )
 
-    if runtime:
-        x, trajectory = padded_steps(
-            update,
-            x,
-            (timesteps, coefs, keys),
-            schedule=state.timesteps,
-            num_steps=state.num_inference_steps,
-            start_step=start,
-            num_train_timesteps=config.num_train_timesteps,
-            reverse=False,
-            return_trajectory=return_trajectory,
-            callback=callback,
-            callback_every=callback_every,
-        )
-        return (x, trajectory) if return_trajectory else x
-    x, trajectory = scan_steps(
+    return run_steps(
         update,
         x,
         (timesteps, coefs, keys),
+        state,
+        runtime=runtime,
+        start=start,
+        reverse=False,
         return_trajectory=return_trajectory,
         callback=callback,
         callback_every=callback_every,
         remat=remat,
         unroll=unroll,
     )
-    return (x, trajectory) if return_trajectory else x
