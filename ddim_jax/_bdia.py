@@ -25,9 +25,6 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
-    check_invertible_config,
-    check_ready,
-    check_static_schedule,
     compute_dtype,
     latent_pair,
 )
@@ -37,8 +34,7 @@ from ddim_jax._loop import (
     ModelFn,
     StepCallback,
     Trajectory,
-    check_loop_options,
-    check_start_step,
+    check_exact_inversion_loop,
     scan_steps,
 )
 from ddim_jax._state import DDIMState
@@ -93,11 +89,7 @@ def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array
 
 
 def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
-    check_ready(state, fn)
-    check_static_schedule(state, fn)
-    check_invertible_config(state.config, fn)
-    check_loop_options(x, callback, every)
-    start = check_start_step(start_step, state.num_inference_steps)
+    start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
     check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
     model.check()
     return start

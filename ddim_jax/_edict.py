@@ -27,9 +27,6 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
-    check_invertible_config,
-    check_ready,
-    check_static_schedule,
     compute_dtype,
     latent_pair,
 )
@@ -39,8 +36,7 @@ from ddim_jax._loop import (
     ModelFn,
     StepCallback,
     Trajectory,
-    check_loop_options,
-    check_start_step,
+    check_exact_inversion_loop,
     scan_steps,
 )
 from ddim_jax._state import DDIMState
@@ -104,11 +100,7 @@ class _Loop(NamedTuple):
 def _setup(
     fn: str, model: ModelCall, state: DDIMState, x: Any, mixing: Any, start_step: Any, callback, every
 ) -> _Loop:
-    check_ready(state, fn)
-    check_static_schedule(state, fn)
-    check_invertible_config(state.config, fn)
-    check_loop_options(x, callback, every)
-    start = check_start_step(start_step, state.num_inference_steps)
+    start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
     check_fraction("mixing", mixing, allow_zero=False)
     model.check()
     dtype = compute_dtype(x)

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._checks import (
+    check_invertible_config,
     check_positive_int,
+    check_ready,
     check_same_shape,
     check_static_schedule,
     is_int_scalar,
@@ -165,6 +167,18 @@ def check_runtime_start_step(start_step: Any, num_inference_steps: int | jax.Arr
 
 def check_unroll(unroll: Any) -> int:
     return check_positive_int("unroll", unroll)
+
+
+def check_exact_inversion_loop(
+    fn: str, state: Any, x: Any, start_step: Any, callback: Any, every: Any
+) -> int:
+    """The checks shared by the exact-inversion loops (EDICT, BDIA): a static schedule, a config
+    whose steps can be undone, the loop options; returns the start step."""
+    check_ready(state, fn)
+    check_static_schedule(state, fn)
+    check_invertible_config(state.config, fn)
+    check_loop_options(x, callback, every)
+    return check_start_step(start_step, state.num_inference_steps)
 
 
 def check_schedule_options(
