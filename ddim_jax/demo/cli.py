@@ -316,6 +316,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"parts": list(args.parts)}
     files: dict[str, str] = {}
     markdown = []
+
+    def save_grid(key: str, name: str, images: np.ndarray, ncols: int = 10) -> None:
+        """Writes ``images`` ([-1, 1]) as one PNG grid under ``out`` and records it in ``files``."""
+        files[key] = name
+        write_png(out / name, image_grid(to_unit_range(images), ncols=ncols))
+
     if "ddim" in parts:
         ddim = sampler("epsilon", clip_sample=args.clip_sample)
         quality, eta0 = quality_table(
@@ -335,13 +341,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         markdown.append(tables_markdown(quality, recon))
         if eta0:
             best = max(eta0)
-            files["samples"] = f"samples_S{best}_eta0.png"
-            write_png(out / files["samples"], image_grid(to_unit_range(eta0[best][:100]), ncols=10))
+            save_grid("samples", f"samples_S{best}_eta0.png", eta0[best][:100])
             rows = np.concatenate([eta0[s][:10] for s in sorted(eta0)])
-            files["steps"] = "same_noise_by_steps.png"
-            write_png(out / files["steps"], image_grid(to_unit_range(rows), ncols=10))
-        files["real"] = "real_digits.png"
-        write_png(out / files["real"], image_grid(to_unit_range(x_held_out[:100]), ncols=10))
+            save_grid("steps", "same_noise_by_steps.png", rows)
+        save_grid("real", "real_digits.png", x_held_out[:100])
     if "schedule" in parts:
         samplers = {
             "a": sampler("epsilon", steps_offset=1),
@@ -362,8 +365,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         results["schedule_scheduler_configs"] = {k: v.config.to_dict() for k, v in samplers.items()}
         n = min(20, args.schedule_samples)  # a row each: held-out data, then samplers a, b, c
         rows = np.concatenate([x_held_out[:n], *(last[k][:n] for k in "abc")])
-        files["brightness"] = "brightness_real_a_b_c.png"
-        write_png(out / files["brightness"], image_grid(to_unit_range(rows), ncols=n))
+        save_grid("brightness", "brightness_real_a_b_c.png", rows, ncols=n)
     if "guidance" in parts:
         guided = sampler("v_prediction", timestep_spacing="trailing")
         guidance, samples = guidance_table(
@@ -378,10 +380,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
         clock.lap("guidance")
         results["guidance"] = guidance
-        files["guidance"] = "guidance_grid.png"
         grid = guidance_grid_images(samples, args.guidance_scales, args.guidance_rescales)
         ncols = 11 * len(args.guidance_rescales) - 1
-        write_png(out / files["guidance"], image_grid(to_unit_range(grid), ncols=ncols))
+        save_grid("guidance", "guidance_grid.png", grid, ncols=ncols)
     markdown.append(fixes_markdown(results.get("brightness"), results.get("guidance")))
     if "inversion" in parts:
         n = min(args.inversion_digits, len(x_held_out))
