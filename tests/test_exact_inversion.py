@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gaussian import MU, SIGMA, exact_encoding, gaussian_model
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,26 +28,9 @@ from ddim_jax import (
     set_timesteps,
 )
 
-MU, SIGMA = 0.5, 0.4  # data x0 ~ N(MU, SIGMA^2) per element, as in test_inversion.py
-
 
 def make_state(steps, **config):
     return set_timesteps(create_state(DDIMConfig(clip_sample=False, **config)), steps)
-
-
-def gaussian_model(state):
-    """The exact model output for Gaussian data, for the config's prediction type."""
-    prediction = state.config.prediction_type
-
-    def model(x, t):
-        a = state.alphas_cumprod[t]
-        eps = jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SIGMA**2 + 1 - a)
-        if prediction == "epsilon":
-            return eps
-        x0 = MU + a**0.5 * SIGMA**2 * (x - a**0.5 * MU) / (a * SIGMA**2 + 1 - a)
-        return jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0  # v
-
-    return model
 
 
 def max_rel_err(ours, ref):
@@ -109,12 +93,6 @@ def test_round_trip_with_demo_unet():
     for steps, edict_bound in ((10, 5e-4), (50, 2e-5)):
         edict, bdia = jax.jit(round_trips)(x0, params, make_state(steps))  # the state traced
         assert max_rel_err(edict, x0) < edict_bound and max_rel_err(bdia, x0) < 5e-6, steps
-
-
-def exact_encoding(state, x0, step):
-    """The exact ODE's latent at ``state.timesteps[step]`` for Gaussian data."""
-    a = state.alphas_cumprod[state.timesteps[step]]
-    return jnp.sqrt(a) * MU + jnp.sqrt(a * SIGMA**2 + 1 - a) * (x0 - MU) / SIGMA
 
 
 def order(errors, steps):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _diffusers_ref import ORACLE_RTOL, RTOL, max_rel_err, oracle_tables, oracle_x0_and_eps
+from _gaussian import MU, SIGMA, exact_encoding, gaussian_model
 
 from ddim_jax import DDIMConfig, create_state, inverse_step, invert, sample, set_timesteps
 
@@ -158,17 +159,8 @@ def test_invert_no_recompile_and_callback():
     assert sorted(calls) == sorted(3 * [(0, ascending[0]), (2, ascending[2]), (3, ascending[3])])
 
 
-# The exact epsilon model for data x0 ~ N(MU, SIGMA^2) per element: DDIM's ODE for it is smooth,
-# so inverting and then sampling must reconstruct x0 up to a discretization error that falls with S.
-MU, SIGMA = 0.5, 0.4
-
-
-def gaussian_eps_model(state):
-    def eps(x, t):
-        a = state.alphas_cumprod[t]
-        return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SIGMA**2 + 1 - a)
-
-    return eps
+# The exact Gaussian denoiser (tests/_gaussian.py): DDIM's ODE for it is smooth, so inverting and
+# then sampling must reconstruct x0 up to a discretization error that falls with S.
 
 
 def order(errors, steps):
@@ -186,12 +178,9 @@ def test_invert_then_sample_reconstructs_and_error_falls_with_steps(spacing, rul
     errors, encode_errors = [], []
     for s in steps:
         state = make_state(s, clip_sample=False, timestep_spacing=spacing, prev_timestep_rule=rule)
-        model = gaussian_eps_model(state)
+        model = gaussian_model(state)
         noise = invert(model, state, x0)
-        # The exact ODE maps x0 to sqrt(a) MU + sqrt(a SIGMA^2 + 1 - a) (x0 - MU) / SIGMA at t_max.
-        a = state.alphas_cumprod[state.timesteps[0]]
-        exact = jnp.sqrt(a) * MU + jnp.sqrt(a * SIGMA**2 + 1 - a) * (x0 - MU) / SIGMA
-        encode_errors.append(rms(noise, exact))
+        encode_errors.append(rms(noise, exact_encoding(state, x0, 0)))
         errors.append(rms(sample(model, state, noise), x0))
     # Measured: round trip rms ~0.15 / 0.045 / 0.011 (first order in 1/S, as DDIM's Euler-like step).
     assert errors[-1] < 0.02 and encode_errors[-1] < 0.03, (errors, encode_errors)
@@ -202,13 +191,12 @@ def test_partial_inversion_stops_where_sample_starts():
     """invert(start_step=k) runs the full inversion's first S - k steps and stops at timesteps[k];
     sample(start_step=k) from there reconstructs x0 (the exact Gaussian denoiser)."""
     state, k = make_state(40, clip_sample=False), 25
-    model = gaussian_eps_model(state)
+    model = gaussian_model(state)
     x0 = MU + SIGMA * jax.random.normal(jax.random.key(0), (4, 64))
     _, full = invert(model, state, x0, return_trajectory=True)
     x_k = invert(model, state, x0, start_step=k)
     np.testing.assert_allclose(x_k, full.prev_sample[state.num_inference_steps - k - 1], rtol=1e-6, atol=1e-6)
-    a = state.alphas_cumprod[state.timesteps[k]]
-    exact = jnp.sqrt(a) * MU + jnp.sqrt(a * SIGMA**2 + 1 - a) * (x0 - MU) / SIGMA
+    exact = exact_encoding(state, x0, k)
     # Measured: rms 0.031 from the exact ODE value, 0.033 round trip (0.045 for the full round trip).
     assert float(jnp.sqrt(jnp.mean((x_k - exact) ** 2))) < 0.045
     assert float(jnp.sqrt(jnp.mean((sample(model, state, x_k, start_step=k) - x0) ** 2))) < 0.045

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gaussian import gaussian_model
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -104,18 +105,6 @@ def test_model_dtype_keeps_float32_carry():
     assert max_rel_err(out.sample, ref) < 2e-6
 
 
-# The exact epsilon model for data x0 ~ N(MU, SIGMA^2) per element (as in test_inversion.py).
-MU, SIGMA = 0.5, 0.4
-
-
-def gaussian_eps_model(state):
-    def eps(x, t):
-        a = state.alphas_cumprod[t]
-        return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * SIGMA**2 + 1 - a)
-
-    return eps
-
-
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_tolerance_bounds_distance_to_sample_on_gaussian_denoiser(eta):
     """S = 100, window 32: rounds fall with the tolerance, and the distance to `sample` stays small.
@@ -124,7 +113,7 @@ def test_tolerance_bounds_distance_to_sample_on_gaussian_denoiser(eta):
     eta 0: 6e-5, 11 / 6e-4, 10 / 2e-3, 8; eta 1: 1e-5, 23 / 9e-5, 21 / 8e-4, 20.
     """
     state = make_state(100, clip_sample=False)
-    model = gaussian_eps_model(state)
+    model = gaussian_model(state)
     x = latents(0, (4, 64))
     key = jax.random.key(1)
     ref = jax.jit(lambda x: sample(model, state, x, key=key, eta=eta))(x)
