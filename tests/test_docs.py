@@ -74,3 +74,14 @@ def test_every_python_block_of_the_page_runs_in_order(page):
 def test_the_pages_with_code_are_found():
     names = {page.name for page in PAGES_WITH_CODE}
     assert set(CHECKS) <= names, f"pages with checks but no python blocks: {set(CHECKS) - names}"
+
+
+def test_the_api_page_documents_every_public_name():
+    import ddim_jax
+    import ddim_jax.compat
+
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: (\S+)$", api, re.M))
+    public = {f"ddim_jax.{name}" for name in ddim_jax.__all__}
+    public |= {f"ddim_jax.compat.{name}" for name in ddim_jax.compat.__all__}
+    assert public <= documented, f"add to docs/api.md: {sorted(public - documented)}"
