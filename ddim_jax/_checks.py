@@ -1,9 +1,12 @@
-"""Input checks shared by the public functions: Python-time errors that name the parameter."""
+"""Input checks shared by the public functions: Python-time errors that name the parameter.
+
+The checks on plain values live one level down, in `ddim_jax._values` (re-exported here);
+this module adds the ones that know the scheduler state, the noise keys and the timesteps.
+"""
 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import jax
@@ -12,39 +15,34 @@ import numpy as np
 
 from ddim_jax._noise import key_batch_shape
 from ddim_jax._state import DDIMState
+from ddim_jax._values import (
+    check_fraction,
+    check_positive_int,
+    check_same_shape,
+    compute_dtype,
+    is_int_scalar,
+    is_traced,
+    shown,
+)
 
-
-def is_traced(x: Any) -> bool:
-    """True when ``x`` has no concrete value at trace time (inside jit, grad, vmap, scan)."""
-    return isinstance(x, jax.core.Tracer)
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` for an error message; a tracer's dtype and shape, not its repr."""
-    if is_traced(value):
-        return f"a traced {value.dtype}{list(jnp.shape(value))}"
-    return repr(value)
-
-
-def is_int_scalar(value: Any) -> bool:
-    """A Python int (not bool) or an integer array of shape ``()``, traced or not."""
-    if isinstance(value, bool):
-        return False
-    dtype = getattr(value, "dtype", None)
-    return isinstance(value, int) or (
-        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(value) == 0
-    )
-
-
-def check_positive_int(name: str, value: Any, what: str = "") -> int:
-    """A Python int >= 1 (not a bool); ``what`` explains the parameter in the error."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = 0
-    if isinstance(value, bool) or number < 1:
-        raise ValueError(f"{name} must be an int >= 1{what}, got {value!r}")
-    return number
+__all__ = [
+    "check_eta",
+    "check_fraction",
+    "check_invertible_config",
+    "check_key",
+    "check_positive_int",
+    "check_ready",
+    "check_same_shape",
+    "check_static_schedule",
+    "check_timestep_shape",
+    "check_timesteps",
+    "compute_dtype",
+    "is_int_scalar",
+    "is_traced",
+    "latent_pair",
+    "per_example",
+    "shown",
+]
 
 
 def check_ready(state: DDIMState, fn: str) -> None:
@@ -60,13 +58,6 @@ def check_static_schedule(state: DDIMState, fn: str) -> None:
         raise ValueError(
             f"{fn} needs a static schedule, set_timesteps(state, num_inference_steps) with a Python "
             f"int; got a runtime-length one (set_timesteps(..., max_steps={state.max_steps}))"
-        )
-
-
-def check_same_shape(name: str, x: Any, ref_name: str, ref: Any) -> None:
-    if jnp.shape(x) != jnp.shape(ref):
-        raise ValueError(
-            f"Shape mismatch: {name} has shape {jnp.shape(x)}, expected {ref_name}'s {jnp.shape(ref)}"
         )
 
 
@@ -145,12 +136,6 @@ def check_eta(eta: Any, key: Any, variance_noise: Any, batch_shape: tuple[int, .
     return value > 0
 
 
-def compute_dtype(*arrays: Any) -> jnp.dtype:
-    """float32, or float64 when an input is float64 (with x64 enabled)."""
-    dtype = jnp.result_type(*arrays)
-    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
-
-
 def per_example(values: jax.Array, ndim: int) -> jax.Array:
     """Reshapes scalar or ``(batch,)`` values to broadcast against an ``ndim`` array."""
     return values if jnp.ndim(values) == 0 else values.reshape(values.shape + (1,) * (ndim - 1))
@@ -163,19 +148,6 @@ def check_invertible_config(config: Any, fn: str) -> None:
             f"{fn} needs a config with clip_sample=False and thresholding=False (clipping x0 cannot "
             f"be undone exactly), got clip_sample={config.clip_sample}, thresholding={config.thresholding}"
         )
-
-
-def check_fraction(name: str, value: Any, *, allow_zero: bool) -> None:
-    """A scalar in (0, 1] (or [0, 1]); a traced value is checked for shape only."""
-    if jnp.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    if is_traced(value):
-        return
-    low = 0.0 if allow_zero else np.nextafter(0.0, 1.0)
-    number = float(value)
-    if not low <= number <= 1.0:
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must be in {interval}, got {number}")
 
 
 def latent_pair(latents: Any, names: tuple[str, str]) -> tuple[Any, Any] | None:
