@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from ddim_jax import _padded
 from ddim_jax._config import DDIMConfig
 from ddim_jax._schedule import betas_for_config, inference_timesteps
-from ddim_jax._values import is_int_scalar, shown
+from ddim_jax._values import as_int32, is_int_scalar, shown
 
 __all__ = ["DDIMState", "create_state", "set_timesteps"]
 
@@ -81,6 +82,29 @@ class DDIMState:
         return self.num_steps is not None
 
 
+def check_state(state: object) -> None:
+    """A TypeError, not an AttributeError, for anything but a `DDIMState` (e.g. its config)."""
+    if not isinstance(state, DDIMState):
+        fix = ": make one with create_state(config)" if isinstance(state, DDIMConfig) else ""
+        raise TypeError(f"state must be a DDIMState, got {type(state).__name__}{fix}")
+
+
+def _warn_zero_alphas_cumprod(config: DDIMConfig, alphas_cumprod: np.ndarray) -> None:
+    """Warns when alphas_cumprod reach 0 in float32 before the last timestep (a zero there is a
+    zero-terminal-SNR schedule's, which `step` handles). A warning, not an error: diffusers' own
+    test suite runs beta_end = 0.2, which does this at the last 40 of 1000 timesteps."""
+    (zeros,) = np.nonzero(alphas_cumprod[:-1].astype(np.float32) == 0)
+    if zeros.size:
+        cause = "trained_betas" if config.trained_betas is not None else f"beta_end={config.beta_end}"
+        warnings.warn(
+            f"{cause} drives alphas_cumprod to 0 (in float32) at {zeros.size} of "
+            f"num_train_timesteps={config.num_train_timesteps} timesteps, from t = {zeros[0]}: "
+            "those timesteps hold no signal at all (an epsilon model's x0 there divides by zero); "
+            "lower beta_end (0.02 for linear and 0.012 for scaled_linear are usual)",
+            stacklevel=3,
+        )
+
+
 def create_state(config: DDIMConfig) -> DDIMState:
     """Builds the schedule tables for ``config`` (host float64, stored float32).
 
@@ -95,6 +119,7 @@ def create_state(config: DDIMConfig) -> DDIMState:
     if not isinstance(config, DDIMConfig):
         raise TypeError(f"config must be a DDIMConfig, got {type(config).__name__}")
     alphas_cumprod = np.cumprod(1.0 - betas_for_config(config))
+    _warn_zero_alphas_cumprod(config, alphas_cumprod)
     final = 1.0 if config.set_alpha_to_one else alphas_cumprod[0]
     return DDIMState(
         alphas_cumprod=jnp.asarray(alphas_cumprod, dtype=jnp.float32),
@@ -140,7 +165,7 @@ def _runtime_count(num_steps: object, max_steps: int) -> jax.Array:
         raise ValueError(
             f"num_inference_steps must be an int in [1, max_steps={max_steps}], got {shown(num_steps)}"
         )
-    return jnp.asarray(num_steps, jnp.int32)
+    return as_int32(num_steps)
 
 
 def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
@@ -174,7 +199,7 @@ def _static_schedule(state: DDIMState, timesteps: np.ndarray) -> DDIMState:
 def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max_steps: object) -> DDIMState:
     """`set_timesteps` with user-supplied ``timesteps``: static, or padded with a count."""
     config = state.config
-    if isinstance(timesteps, (list, tuple)):
+    if isinstance(timesteps, (list, tuple, range)):
         timesteps = np.asarray(timesteps)
     if jnp.ndim(timesteps) != 1 or jnp.shape(timesteps)[0] == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {jnp.shape(timesteps)}")
@@ -192,7 +217,7 @@ def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max
     if not traced and not isinstance(count, jax.core.Tracer):
         _check_custom_timesteps(config, np.asarray(timesteps, np.int64)[: int(count)])
     index = jnp.arange(length, dtype=jnp.int32)
-    padded = jnp.where(index < count, jnp.asarray(timesteps, jnp.int32), _padded.PADDING)
+    padded = jnp.where(index < count, as_int32(timesteps), _padded.PADDING)
     prev = _padded.padded_prev_timesteps(config, padded, count)
     return dataclasses.replace(state, timesteps=padded, prev_timesteps=prev, num_steps=count)
 
@@ -237,6 +262,7 @@ def set_timesteps(
       >>> set_timesteps(state, timesteps=quadratic).timesteps.tolist()
       [960, 675, 440, 255, 120, 35, 0]
     """
+    check_state(state)
     if timesteps is not None:
         return _custom_schedule(state, timesteps, num_inference_steps, max_steps)
     config = state.config
