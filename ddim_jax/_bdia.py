@@ -25,8 +25,12 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
+    check_latents,
+    check_sample_prediction_start,
+    check_static_bools,
     compute_dtype,
     latent_pair,
+    nan_unless,
 )
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
@@ -89,10 +93,11 @@ def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array
 
 
 def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
+    """The loop's checks; returns ``(start, valid)``, valid False for a traced gamma out of range."""
     start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
-    check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
+    valid = check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
     model.check()
-    return start
+    return start, valid
 
 
 def _run(model, config, carry, steps, return_trajectory, callback, callback_every, remat):
@@ -168,10 +173,11 @@ def bdia_sample(
       >>> bool(jnp.allclose(bdia_sample(model_fn, state, latents), x0, rtol=1e-5, atol=1e-5))
       True
     """
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, BDIALatents._fields)
     x = latents if pair is None else pair[0]
-    start = _check("bdia_sample", model, state, x, gamma, start_step, callback, callback_every)
+    start, valid = _check("bdia_sample", model, state, x, gamma, start_step, callback, callback_every)
     config, dtype = state.config, compute_dtype(x)
     # Iteration k (step start + k) starts at timesteps[k] (model call) and goes to prev_timesteps[k];
     # the far level is the previous iteration's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
@@ -193,7 +199,7 @@ def bdia_sample(
         steps = jax.tree.map(lambda v: v[1:], steps._replace(g=jnp.full(g.shape, gamma)))
         carry = tuple(jnp.asarray(v, dtype) for v in pair)
     final, trajectory = _run(model, config, carry, steps, return_trajectory, callback, callback_every, remat)
-    return (final[1], trajectory) if return_trajectory else final[1]
+    return nan_unless(valid, (final[1], trajectory) if return_trajectory else final[1])
 
 
 def bdia_invert(
@@ -242,8 +248,11 @@ def bdia_invert(
       >>> latents.x.shape, latents.x_next.shape
       ((1, 3), (1, 3))
     """
+    check_latents("x0", x0, "bdia_invert")
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
+    check_sample_prediction_start(state.config, "bdia_invert")
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    start = _check("bdia_invert", model, state, x0, gamma, start_step, callback, callback_every)
+    start, valid = _check("bdia_invert", model, state, x0, gamma, start_step, callback, callback_every)
     config, dtype = state.config, compute_dtype(x0)
     # Iteration 0 is DDIM inversion to timesteps[-1] from x0 (the initial alpha, as `invert`);
     # iteration j >= 1 undoes sampling step k = S - j, from timesteps[k] up to timesteps[k - 1],
@@ -262,4 +271,4 @@ def bdia_invert(
         model, config, (x0, x0), steps, return_trajectory, callback, callback_every, remat
     )
     latents = BDIALatents(final[1], final[0])
-    return (latents, trajectory) if return_trajectory else latents
+    return nan_unless(valid, (latents, trajectory) if return_trajectory else latents)

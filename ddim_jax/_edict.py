@@ -27,8 +27,12 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
+    check_latents,
+    check_sample_prediction_start,
+    check_static_bools,
     compute_dtype,
     latent_pair,
+    nan_unless,
 )
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
@@ -95,13 +99,14 @@ class _Loop(NamedTuple):
     b: jax.Array
     p: jax.Array
     dtype: Any
+    valid: bool | jax.Array  # False for a traced mixing out of range: all-NaN outputs
 
 
 def _setup(
     fn: str, model: ModelCall, state: DDIMState, x: Any, mixing: Any, start_step: Any, callback, every
 ) -> _Loop:
     start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
-    check_fraction("mixing", mixing, allow_zero=False)
+    valid = check_fraction("mixing", mixing, allow_zero=False)
     model.check()
     dtype = compute_dtype(x)
     timesteps = state.timesteps[start:]
@@ -110,7 +115,7 @@ def _setup(
     # Every step's scalars are computed once, before the scan.
     coefs = step_coefficients(state.config, alpha_t, alpha_prev, 0.0, add_noise=False)
     a, b = affine_step(state.config, coefs)
-    return _Loop(model, timesteps, coefs, a, b, jnp.asarray(mixing, dtype), dtype)
+    return _Loop(model, timesteps, coefs, a, b, jnp.asarray(mixing, dtype), dtype, valid)
 
 
 def edict_sample(
@@ -160,6 +165,7 @@ def edict_sample(
       >>> bool(jnp.allclose(edict_sample(model_fn, state, noise), x0, rtol=1e-5, atol=1e-5))
       True
     """
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, EDICTLatents._fields)
     x = latents if pair is None else pair[0]
@@ -188,8 +194,9 @@ def edict_sample(
         remat=remat,
     )
     if not return_trajectory:
-        return final.x
-    return final.x, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
+        return nan_unless(loop.valid, final.x)
+    trajectory = Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
+    return nan_unless(loop.valid, (final.x, trajectory))
 
 
 def edict_invert(
@@ -237,6 +244,9 @@ def edict_invert(
       >>> latents.x.shape, latents.y.shape
       ((1, 3), (1, 3))
     """
+    check_latents("x0", x0, "edict_invert")
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
+    check_sample_prediction_start(state.config, "edict_invert")
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     loop = _setup("edict_invert", model, state, x0, mixing, start_step, callback, callback_every)
     config, p = state.config, loop.p
@@ -263,5 +273,6 @@ def edict_invert(
         remat=remat,
     )
     if not return_trajectory:
-        return final
-    return final, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
+        return nan_unless(loop.valid, final)
+    trajectory = Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
+    return nan_unless(loop.valid, (final, trajectory))
