@@ -35,7 +35,8 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_exact_inversion_loop,
-    scan_steps,
+    loop_order,
+    run_steps,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
@@ -83,20 +84,22 @@ def _steps(config: DDIMConfig, t: jax.Array, source: Alphas, to: Alphas, far: Al
     return _Step(t, coef(to), coef(far), g)
 
 
-def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array:
-    """The per-iteration weight g: ``weight`` at every iteration but the first, which gets ``first``."""
-    return jnp.full((num,), weight, dtype).at[0].set(first)
-
-
-def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
-    start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
+def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, options):
+    """`check_exact_inversion_loop` and gamma; ``options`` are ``(callback, callback_every, remat,
+    unroll)``. Returns ``(runtime, start, unroll)``."""
+    callback, every, remat, unroll = options
+    checked = check_exact_inversion_loop(fn, state, x, start_step, callback, every, remat, unroll)
     check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
     model.check()
-    return start
+    return checked
 
 
-def _run(model, config, carry, steps, return_trajectory, callback, callback_every, remat):
-    """Scans ``g (z_far - D_far(z)) + D_to(z)`` with the carry ``(z_far, z)``; returns the last pair."""
+def _run(model, state, carry, steps: _Step, schedule, reverse, skip, return_trajectory, options):
+    """Runs ``g (z_far - D_far(z)) + D_to(z)`` with the carry ``(z_far, z)`` over ``steps`` (one
+    entry per schedule step, `run_steps`' order); returns the last pair (and the trajectory)."""
+    runtime, start, unroll = schedule
+    callback, every, remat, _ = options
+    config = state.config
 
     def update(pair, step: _Step):
         z_far, z = pair
@@ -105,18 +108,25 @@ def _run(model, config, carry, steps, return_trajectory, callback, callback_ever
         d_far = step.far.sqrt_alpha_prev * x0 + step.far.direction * eps
         return StepOutput((z, step.g * (z_far - d_far) + d_to), x0)
 
-    final, trajectory = scan_steps(
+    out = run_steps(
         update,
         carry,
-        steps,
+        loop_order(steps, runtime, start + skip, reverse),
+        state,
+        runtime=runtime,
+        start=start,
+        reverse=reverse,
         return_trajectory=return_trajectory,
         callback=callback,
-        callback_every=callback_every,
+        callback_every=every,
         remat=remat,
+        unroll=unroll,
+        skip=skip,
     )
-    if return_trajectory:
-        trajectory = Trajectory(trajectory.prev_sample[1], trajectory.pred_original_sample)
-    return final, trajectory
+    if not return_trajectory:
+        return out, None
+    final, trajectory = out
+    return final, Trajectory(trajectory.prev_sample[1], trajectory.pred_original_sample)
 
 
 def bdia_sample(
@@ -134,7 +144,8 @@ def bdia_sample(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """BDIA-DDIM sampling in one ``lax.scan``, one model call per step: the exact inverse of `bdia_invert`.
 
@@ -171,28 +182,24 @@ def bdia_sample(
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, BDIALatents._fields)
     x = latents if pair is None else pair[0]
-    start = _check("bdia_sample", model, state, x, gamma, start_step, callback, callback_every)
+    options = (callback, callback_every, remat, unroll)
+    schedule = _check("bdia_sample", model, state, x, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x)
-    # Iteration k (step start + k) starts at timesteps[k] (model call) and goes to prev_timesteps[k];
-    # the far level is the previous iteration's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
-    timesteps = state.timesteps[start:]
-    far_steps = (
-        jnp.concatenate([timesteps[:1], timesteps[:-1]]) if start == 0 else state.timesteps[start - 1 : -1]
-    )
+    # Step k starts at timesteps[k] (model call) and goes to prev_timesteps[k]; the far level is
+    # the previous step's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
+    timesteps = state.timesteps
+    far_steps = jnp.concatenate([timesteps[:1], timesteps[:-1]])
     gamma = jnp.asarray(gamma, dtype)
-    g = _weights(timesteps.shape[0], gamma, 0.0, dtype)
     alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    steps = _steps(
-        config, timesteps, alpha(timesteps), alpha(state.prev_timesteps[start:]), alpha(far_steps), g
-    )
-    if pair is None:
+    if pair is None:  # the first step (start_step) is DDIM
         x = jnp.asarray(x, dtype)
-        carry = (x, x)
-    else:
-        # The first step is done: run the rest with gamma everywhere.
-        steps = jax.tree.map(lambda v: v[1:], steps._replace(g=jnp.full(g.shape, gamma)))
-        carry = tuple(jnp.asarray(v, dtype) for v in pair)
-    final, trajectory = _run(model, config, carry, steps, return_trajectory, callback, callback_every, remat)
+        carry, skip = (x, x), 0
+        g = jnp.where(jnp.arange(timesteps.shape[0]) == schedule[1], jnp.zeros((), dtype), gamma)
+    else:  # the first step is done: run the rest with gamma everywhere
+        carry, skip = tuple(jnp.asarray(v, dtype) for v in pair), 1
+        g = jnp.full(timesteps.shape, gamma)
+    steps = _steps(config, timesteps, alpha(timesteps), alpha(state.prev_timesteps), alpha(far_steps), g)
+    final, trajectory = _run(model, state, carry, steps, schedule, False, skip, return_trajectory, options)
     return (final[1], trajectory) if return_trajectory else final[1]
 
 
@@ -211,7 +218,8 @@ def bdia_invert(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> BDIALatents | tuple[BDIALatents, Trajectory]:
     """Encodes ``x0`` to BDIA latents in one ``lax.scan`` over the ascending schedule (one model call a step).
 
@@ -243,23 +251,23 @@ def bdia_invert(
       ((1, 3), (1, 3))
     """
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    start = _check("bdia_invert", model, state, x0, gamma, start_step, callback, callback_every)
+    options = (callback, callback_every, remat, unroll)
+    schedule = _check("bdia_invert", model, state, x0, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x0)
-    # Iteration 0 is DDIM inversion to timesteps[-1] from x0 (the initial alpha, as `invert`);
-    # iteration j >= 1 undoes sampling step k = S - j, from timesteps[k] up to timesteps[k - 1],
-    # with the far level prev_timesteps[k] (where the carry's other latent is).
-    num_steps = state.num_inference_steps
-    ks = jnp.arange(num_steps - 1, start - 1, -1)
-    timesteps = state.timesteps[jnp.concatenate([ks[:1], ks[:-1]])]
-    source = jnp.concatenate([state.prev_timesteps[-1:], timesteps[1:]])
-    to = jnp.concatenate([timesteps[:1], state.timesteps[ks[:-1] - 1]])
-    far = jnp.concatenate([state.prev_timesteps[-1:], state.prev_timesteps[ks[:-1]]])
+    # Entry k of the tables, visited from S - 1 down to start_step: the first step (k = S - 1) is
+    # DDIM inversion to timesteps[S - 1] from x0 (the initial alpha, as `invert`); an entry k < S - 1
+    # undoes sampling step k + 1, from timesteps[k + 1] up to timesteps[k], with the far level
+    # prev_timesteps[k + 1] (where the carry's other latent is).
+    timesteps, prev = state.timesteps, state.prev_timesteps
+    first = jnp.arange(timesteps.shape[0]) == state.num_inference_steps - 1
+    shift = lambda v: jnp.concatenate([v[1:], v[-1:]])  # noqa: E731
+    model_timesteps = jnp.where(first, timesteps, shift(timesteps))
+    source = jnp.where(first, prev, shift(timesteps))
+    far = jnp.where(first, prev, shift(prev))
     alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    g = _weights(ks.shape[0], 1 / jnp.asarray(gamma, dtype), 0.0, dtype)
-    steps = _steps(config, timesteps, alpha(source), alpha(to), alpha(far), g)
+    g = jnp.where(first, jnp.zeros((), dtype), 1 / jnp.asarray(gamma, dtype))
+    steps = _steps(config, model_timesteps, alpha(source), alpha(timesteps), alpha(far), g)
     x0 = jnp.asarray(x0, dtype)
-    final, trajectory = _run(
-        model, config, (x0, x0), steps, return_trajectory, callback, callback_every, remat
-    )
+    final, trajectory = _run(model, state, (x0, x0), steps, schedule, True, 0, return_trajectory, options)
     latents = BDIALatents(final[1], final[0])
     return (latents, trajectory) if return_trajectory else latents

@@ -37,7 +37,8 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_exact_inversion_loop,
-    scan_steps,
+    loop_order,
+    run_steps,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, predict_x0_and_eps, step_coefficients
@@ -89,28 +90,62 @@ def affine_step(config: DDIMConfig, coef: StepCoefficients) -> tuple[jax.Array, 
 
 class _Loop(NamedTuple):
     model: ModelCall
-    timesteps: jax.Array  # in loop order
-    coefs: StepCoefficients  # per step, t -> t_prev
-    a: jax.Array
-    b: jax.Array
+    tables: tuple  # per schedule step: (timestep, coefs t -> t_prev, a, b)
     p: jax.Array
     dtype: Any
+    runtime: bool
+    start: int | jax.Array
+    remat: bool
+    unroll: int
 
 
 def _setup(
-    fn: str, model: ModelCall, state: DDIMState, x: Any, mixing: Any, start_step: Any, callback, every
+    fn: str,
+    model: ModelCall,
+    state: DDIMState,
+    x: Any,
+    mixing: Any,
+    start_step: Any,
+    callback,
+    every,
+    remat: bool,
+    unroll: Any,
 ) -> _Loop:
-    start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
+    runtime, start, unroll = check_exact_inversion_loop(
+        fn, state, x, start_step, callback, every, remat, unroll
+    )
     check_fraction("mixing", mixing, allow_zero=False)
     model.check()
     dtype = compute_dtype(x)
-    timesteps = state.timesteps[start:]
-    alpha_t = alpha_at(state, timesteps).astype(dtype)
-    alpha_prev = alpha_at(state, state.prev_timesteps[start:]).astype(dtype)
-    # Every step's scalars are computed once, before the scan.
+    alpha_t = alpha_at(state, state.timesteps).astype(dtype)
+    alpha_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
+    # Every step's scalars are computed once, before the loop.
     coefs = step_coefficients(state.config, alpha_t, alpha_prev, 0.0, add_noise=False)
     a, b = affine_step(state.config, coefs)
-    return _Loop(model, timesteps, coefs, a, b, jnp.asarray(mixing, dtype), dtype)
+    tables = (state.timesteps, coefs, a, b)
+    return _Loop(model, tables, jnp.asarray(mixing, dtype), dtype, runtime, start, remat, unroll)
+
+
+def _run(loop: _Loop, update, carry, state: DDIMState, reverse: bool, return_trajectory, callback, every):
+    """`run_steps` over the loop's tables; the final latents, and the trajectory of the first copy."""
+    out = run_steps(
+        update,
+        carry,
+        loop_order(loop.tables, loop.runtime, loop.start, reverse),
+        state,
+        runtime=loop.runtime,
+        start=loop.start,
+        reverse=reverse,
+        return_trajectory=return_trajectory,
+        callback=callback,
+        callback_every=every,
+        remat=loop.remat,
+        unroll=loop.unroll,
+    )
+    if not return_trajectory:
+        return out, None
+    final, trajectory = out
+    return final, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
 
 
 def edict_sample(
@@ -128,7 +163,8 @@ def edict_sample(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """EDICT denoising over ``state.timesteps`` in one ``lax.scan``: the exact inverse of `edict_invert`.
 
@@ -163,7 +199,9 @@ def edict_sample(
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, EDICTLatents._fields)
     x = latents if pair is None else pair[0]
-    loop = _setup("edict_sample", model, state, x, mixing, start_step, callback, callback_every)
+    loop = _setup(
+        "edict_sample", model, state, x, mixing, start_step, callback, callback_every, remat, unroll
+    )
     x, y = (x, x) if pair is None else pair
     x, y = jnp.asarray(x, loop.dtype), jnp.asarray(y, loop.dtype)
     config, p = state.config, loop.p
@@ -178,18 +216,10 @@ def edict_sample(
         x0, _ = predict_x0_and_eps(config, out, x_inter, coef)
         return StepOutput(EDICTLatents(x_new, y_new), x0)
 
-    final, trajectory = scan_steps(
-        update,
-        EDICTLatents(x, y),
-        (loop.timesteps, loop.coefs, loop.a, loop.b),
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
+    final, trajectory = _run(
+        loop, update, EDICTLatents(x, y), state, False, return_trajectory, callback, callback_every
     )
-    if not return_trajectory:
-        return final.x
-    return final.x, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
+    return (final.x, trajectory) if return_trajectory else final.x
 
 
 def edict_invert(
@@ -207,7 +237,8 @@ def edict_invert(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> EDICTLatents | tuple[EDICTLatents, Trajectory]:
     """Encodes ``x0`` to EDICT's coupled noise latents, in one ``lax.scan`` over the ascending schedule.
 
@@ -238,7 +269,9 @@ def edict_invert(
       ((1, 3), (1, 3))
     """
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    loop = _setup("edict_invert", model, state, x0, mixing, start_step, callback, callback_every)
+    loop = _setup(
+        "edict_invert", model, state, x0, mixing, start_step, callback, callback_every, remat, unroll
+    )
     config, p = state.config, loop.p
     x0 = jnp.asarray(x0, loop.dtype)
 
@@ -252,16 +285,7 @@ def edict_invert(
         x0_pred, _ = predict_x0_and_eps(config, out, y, coef)
         return StepOutput(EDICTLatents(x, y), x0_pred)
 
-    reverse = lambda v: v[::-1]  # noqa: E731
-    final, trajectory = scan_steps(
-        update,
-        EDICTLatents(x0, x0),
-        jax.tree.map(reverse, (loop.timesteps, loop.coefs, loop.a, loop.b)),
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
+    final, trajectory = _run(
+        loop, update, EDICTLatents(x0, x0), state, True, return_trajectory, callback, callback_every
     )
-    if not return_trajectory:
-        return final
-    return final, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
+    return (final, trajectory) if return_trajectory else final
