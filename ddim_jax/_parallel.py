@@ -16,16 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax._checks import (
-    check_eta,
-    check_positive_int,
-    check_ready,
-    check_static_schedule,
-    compute_dtype,
-    is_traced,
-)
-from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_start_step
+from ddim_jax._checks import check_eta, check_positive_int, check_ready, compute_dtype, is_traced
+from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_runtime_key, check_schedule_options
 from ddim_jax._noise import normal_noise, step_keys
+from ddim_jax._padded import schedule_is_valid
 from ddim_jax._state import DDIMState
 from ddim_jax._step import alpha_at, ddim_update, step_coefficients
 
@@ -104,7 +98,7 @@ def parallel_sample(
     guidance_layout: str = "concat",
     use_clipped_model_output: bool = False,
     model_dtype: Any = None,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
     window_sharding: jax.sharding.Sharding | None = None,
 ) -> ParallelResult:
     """`sample`'s result in fewer sequential model rounds: Picard iterations over a sliding window.
@@ -162,14 +156,21 @@ def parallel_sample(
       (True, 1)
     """
     check_ready(state, "parallel_sample")
-    check_static_schedule(state, "parallel_sample")
     check_loop_options(latents, None, 1)
-    start = check_start_step(start_step, state.num_inference_steps)
+    runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
-    num_steps = state.num_inference_steps - start
-    p = min(check_positive_int("window", window, " (steps per batched model call)"), num_steps)
+    window = check_positive_int("window", window, " (steps per batched model call)")
+    schedule_steps, max_steps = state.num_inference_steps, state.max_steps
+    if runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
+        check_runtime_key(key)
+        valid = schedule_is_valid(state.timesteps, schedule_steps, start, state.config.num_train_timesteps)
+        num_steps = jnp.where(valid, schedule_steps - start, 0)
+        p = min(window, max_steps)
+    else:
+        valid, num_steps = True, schedule_steps - start
+        p = min(window, num_steps)
     _check_tolerance(tolerance)
     max_iterations = _check_max_iterations(max_iterations, num_steps)
     if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):
@@ -179,16 +180,19 @@ def parallel_sample(
     config = state.config
     dtype = compute_dtype(latents)
     x = jnp.asarray(latents, dtype)
-    timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
-    keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
+    # Tables over the whole schedule (M entries for a runtime-length one); step k of the run is
+    # entry start + k.
+    timesteps = state.timesteps
+    keys = step_keys(key, max_steps) if add_noise else None
     alphas_t = alpha_at(state, timesteps).astype(dtype)
-    alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
+    alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
     coefs = step_coefficients(config, alphas_t, alphas_prev, jnp.asarray(eta, dtype), add_noise)
     # The acceptance threshold of the sample after step k: tolerance^2 times the DDPM posterior
     # variance (eta = 1) of step k + 1 (the last step's own for the final sample, whose test
     # never decides the stride).
     variance = step_coefficients(config, alphas_t, alphas_prev, 1.0, add_noise=True).std ** 2
-    threshold = jnp.asarray(tolerance, dtype) ** 2 * jnp.append(variance[1:], variance[-1])
+    has_next = jnp.arange(max_steps) + 1 < schedule_steps
+    threshold = jnp.asarray(tolerance, dtype) ** 2 * jnp.where(has_next, jnp.roll(variance, -1), variance)
 
     def constrain(a: jax.Array) -> jax.Array:
         return a if window_sharding is None else jax.lax.with_sharding_constraint(a, window_sharding)
@@ -208,15 +212,19 @@ def parallel_sample(
         begin, iteration, x_start, guess, residuals = carry
         index = begin + offsets
         k = jnp.minimum(index, num_steps - 1)  # steps past the end repeat the last; masked below
+        entry = start + k
         inputs = constrain(jnp.concatenate([x_start[None], guess[:-1]]))
         outputs = window_steps(
-            inputs, timesteps[k], jax.tree.map(lambda c: c[k], coefs), None if keys is None else keys[k]
+            inputs,
+            timesteps[entry],
+            jax.tree.map(lambda c: c[entry], coefs),
+            None if keys is None else keys[entry],
         )
         live = (index < num_steps).reshape((p,) + (1,) * x.ndim)
         drift = jnp.where(live, outputs - inputs, 0)
         new_guess = constrain(x_start + jnp.cumsum(drift, axis=0))
         mean_square = jnp.max(jnp.mean((new_guess - guess) ** 2, axis=example_axes), axis=1)  # (p,)
-        accepted = mean_square <= threshold[k]
+        accepted = mean_square <= threshold[entry]
         first_rejected = jnp.where(jnp.all(accepted), p, jnp.argmin(accepted))
         stride = jnp.minimum(jnp.minimum(first_rejected + 1, p), num_steps - begin)
         # A masked write rather than dynamic_update_slice, which refuses to mix the buffer made
@@ -237,16 +245,18 @@ def parallel_sample(
     def running(carry: _Carry) -> jax.Array:
         return (carry.begin < num_steps) & (carry.iteration < max_iterations)
 
+    rows = max_steps if runtime else num_steps  # residuals of the steps run, then NaN
     init = _Carry(
         jnp.int32(0),
         jnp.int32(0),
         x,
         constrain(jnp.broadcast_to(x, (p,) + x.shape)),
-        jnp.zeros((num_steps + p,), dtype),
+        jnp.zeros((rows + p,), dtype),
     )
     end = jax.lax.while_loop(running, body, init)
-    converged = end.begin >= num_steps
+    converged = valid & (end.begin >= num_steps)
     # Out of iterations: the current guess of x_S (within the window, or its last sample).
     guess_of_last = end.guess[jnp.clip(num_steps - end.begin - 1, 0, p - 1)]
-    final = jnp.where(converged, end.x_start, guess_of_last)
-    return ParallelResult(final, end.iteration, converged, end.residuals[:num_steps])
+    final = jnp.where(valid, jnp.where(converged, end.x_start, guess_of_last), jnp.nan)
+    residuals = jnp.where(jnp.arange(rows) < num_steps, end.residuals[:rows], jnp.nan)
+    return ParallelResult(final, end.iteration, converged, residuals)
