@@ -162,7 +162,8 @@ def bdia_sample(
       gamma: BDIA's gamma in [0, 1] (1: the paper's original update; 0: DDIM); a float or a
         traced scalar. Exact round trips need the same gamma > 0 as `bdia_invert`.
       model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
-        return_trajectory, callback, callback_every, remat, start_step: as for `sample`.
+        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
+        (a runtime-length state or a traced start_step runs the runtime-length loop).
         From `BDIALatents` the first step's output is ``latents.x_next`` and the loop runs
         the steps after it (the trajectory has one entry fewer).
 
@@ -236,7 +237,7 @@ def bdia_invert(
       gamma: BDIA's gamma in (0, 1], the same as in `bdia_sample`. Each step divides by it, so
         round-off grows like ``gamma ** -S``: use 1 (the default) or close to it.
       model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
-        return_trajectory, callback, callback_every, remat, start_step: as for `invert`.
+        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`.
 
     Returns:
       `BDIALatents` ``(x, x_next)``: the sample at ``timesteps[start_step]`` and the one after it

@@ -132,6 +132,13 @@ def parallel_sample(
       key, eta, model_args, guidance_scale, guidance_rescale, guidance_layout,
       use_clipped_model_output, model_dtype, start_step: as for `sample` (step i's noise
         comes from ``jax.random.split(key, S)[i]``, per example for a batch of keys).
+        A runtime-length state (``set_timesteps(..., max_steps=M)``) or a traced
+        ``start_step`` runs one program for every S in [1, M], as in `sample`: the same rounds
+        and result as the static program (bitwise where the window is the same), the window
+        clamped to M rather than to the steps run (entries past the last step are masked,
+        their model outputs unused), ``residuals`` of M entries (NaN after the steps run). An
+        S, start_step or schedule out of range, when traced, gives a NaN sample, 0 iterations
+        and ``converged=False``.
       window_sharding: a sharding for the ``(window, *latents.shape)`` model inputs and
         samples, e.g. ``NamedSharding(mesh, P("window"))`` on a mesh with ``Auto`` axes: each
         device then evaluates the model on its share of the window (call inside ``jax.jit``).
@@ -145,14 +152,16 @@ def parallel_sample(
       >>> state = set_timesteps(create_state(DDIMConfig()), 50)
       >>> model = lambda x, t, w: jnp.tanh(w * x)
       >>> x_T = jax.random.normal(jax.random.key(0), (1, 16))
+      >>> traces = []
       >>> @jax.jit
       ... def run(w, x, tolerance):
+      ...     traces.append(w)  # runs only when jax traces (compiles) run
       ...     return parallel_sample(model, state, x, window=10, tolerance=tolerance, model_args=(w,))
       >>> exact = run(0.5, x_T, 0.0)
       >>> bool(jnp.allclose(exact.sample, sample(model, state, x_T, model_args=(0.5,)), atol=1e-5))
       True
       >>> fast = run(0.5, x_T, 0.1)  # same compiled program
-      >>> int(fast.iterations) < 50, run._cache_size()
+      >>> int(fast.iterations) < 50, len(traces)
       (True, 1)
     """
     check_ready(state, "parallel_sample")
