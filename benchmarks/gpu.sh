@@ -5,6 +5,9 @@
 # It writes ${OUT:-.}/RESULTS_gpu.md (this GPU's section), ${OUT:-.}/RESULTS.md (the whole
 # file) and ${OUT:-.}/bench_gpu.log. Fold the section in here with:
 #   python benchmarks/run_all.py --merge <files_at>/RESULTS_gpu.md
+# One suite only, e.g. the runtime loop against the static one (issue 22; about 60 s):
+#   run(command="bash benchmarks/gpu.sh --only dynamic_steps", timeout_s=330)
+# The test suite on the GPU is tests/gpu.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then
