@@ -24,9 +24,9 @@ from ddim_jax import (
     set_timesteps,
 )
 
-M = 12  # max_steps: S = 9 and 12 run a block of 8 steps, then the remainder
+M = 12  # max_steps: S - start_step = 9 or 12 runs a block of 8 steps, then the remainder
 SHAPE = (2, 3, 4, 4)
-REQUESTS = [(1, 0), (5, 2), (9, 0), (12, 3), (12, 11)]  # (S, start_step)
+REQUESTS = [(1, 0), (5, 2), (12, 3), (12, 11)]  # (S, start_step): a block and the remainder, one step
 BASE = create_state(DDIMConfig(clip_sample=False, timestep_spacing="trailing"))
 
 
@@ -79,7 +79,7 @@ def runners(loop):
 def test_runtime_loop_equals_static_bitwise_in_one_program(name):
     static, runtime, traces = runners(LOOPS[name])
     x = latents(1)
-    for num_steps, start in REQUESTS[1:4] if "key" in name else REQUESTS:  # (slow to compile)
+    for num_steps, start in REQUESTS[1:3] if "key" in name else REQUESTS:  # (slow to compile)
         ref = static(set_timesteps(BASE, num_steps), x, start)
         out = runtime(num_steps, start, x)
         if name.startswith("parallel"):
