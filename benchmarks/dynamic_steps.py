@@ -1,16 +1,19 @@
 """Runtime step count: one program for every S (``set_timesteps(state, S, max_steps=M)``, M = 1000)
 against the static program compiled for each S, per step, at S = 10, 50, 250; compile times;
-the number of programs a stream of requests compiles; the static loop's scan ``unroll``.
+the number of programs a stream of requests compiles; both loops' ``unroll``.
 
 Both contenders get the state's tables as jit arguments (the static one: ``set_timesteps(state,
 S)`` passed in; the runtime one: S passed in, the padded state built inside). Models: the
-elementwise stand-in ``0.1 * x`` and the demo's Flax UNet.
+elementwise stand-in ``0.1 * x`` and the demo's Flax UNet. The runtime loop runs blocks of
+``ddim_jax._loop.RUNTIME_BLOCK`` steps per while-loop iteration; the "one step per iteration"
+column traces the same loop with blocks of 1 (the runtime loop before issue 22), in the same run.
 
 Usage: ``python benchmarks/dynamic_steps.py [--quick] [--repeats N]``
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -19,6 +22,7 @@ import jax
 import numpy as np
 
 import ddim_jax
+from ddim_jax import _loop
 
 MAX_STEPS = 1000
 STEPS = (10, 50, 250)
@@ -34,6 +38,16 @@ STREAM_REQUESTS = 20
 UNROLLS = (1, 2, 5, 10)
 
 
+@contextlib.contextmanager
+def steps_per_iteration(block):
+    """Traces the runtime loop with ``block`` steps per while-loop iteration (1: one step each)."""
+    saved, _loop.RUNTIME_BLOCK = _loop.RUNTIME_BLOCK, block
+    try:
+        yield
+    finally:
+        _loop.RUNTIME_BLOCK = saved
+
+
 def static_program(model_fn):
     def run(state, x, *model_args):
         return ddim_jax.sample(model_fn, state, x, model_args=model_args)
@@ -41,36 +55,40 @@ def static_program(model_fn):
     return run
 
 
-def runtime_program(model_fn, base, max_steps):
+def runtime_program(model_fn, base, max_steps, unroll=1):
     def run(num_steps, x, *model_args):
         state = ddim_jax.set_timesteps(base, num_steps, max_steps=max_steps)
-        return ddim_jax.sample(model_fn, state, x, model_args=model_args)
+        return ddim_jax.sample(model_fn, state, x, model_args=model_args, unroll=unroll)
 
     return run
 
 
 def per_step_rows(label, model_fn, model_args, x, steps, max_steps, repeats, min_time=0.01):
-    """Rows of per-step time for both programs at each S, and their compile times."""
+    """Rows of per-step time for the static program, the runtime one and the runtime one with a
+    step per iteration, at each S, and the runtime program's compile time."""
     base = ddim_jax.create_state(ddim_jax.DDIMConfig(**{**B.SD_CONFIG, "steps_offset": 0}))
-    runtime, lo, co = B.compile_jit(
-        runtime_program(model_fn, base, max_steps), np.int32(steps[0]), x, *model_args
-    )
+    program = runtime_program(model_fn, base, max_steps)
+    runtime, lo, co = B.compile_jit(program, np.int32(steps[0]), x, *model_args)
+    with steps_per_iteration(1):
+        one_step, _, _ = B.compile_jit(program, np.int32(steps[0]), x, *model_args)
     rows = []
     for s in steps:
         state = ddim_jax.set_timesteps(base, s)
         static, s_lo, s_co = B.compile_jit(static_program(model_fn), state, x, *model_args)
+        call = lambda f, a: B.block(f(*a))  # noqa: E731
         runs = {
-            "static": functools.partial(lambda f, a: B.block(f(*a)), static, (state, x, *model_args)),
-            "runtime": functools.partial(lambda f, a: B.block(f(*a)), runtime, (np.int32(s), x, *model_args)),
+            "static": functools.partial(call, static, (state, x, *model_args)),
+            "runtime": functools.partial(call, runtime, (np.int32(s), x, *model_args)),
+            "one step": functools.partial(call, one_step, (np.int32(s), x, *model_args)),
         }
         wall = B.interleaved(runs, repeats, min_time=min_time, stat=min)  # min: robust to other load
-        ratio = wall["runtime"] / wall["static"]
-        cpu_ratio = "n/a"
+        ratio = {name: wall[name] / wall["static"] for name in ("runtime", "one step")}
+        cpu_ratio = {name: "n/a" for name in ratio}
         if not B.on_gpu():  # CPU seconds of this process: steadier than wall time on a shared CPU
             cpu = B.interleaved(runs, repeats, min_time=min_time, stat=min, clock=time.process_time)
-            ratio = cpu["runtime"] / cpu["static"]
-            cpu_ratio = f"{ratio:.3f}"
-        B.record("dynamic", f"{label}, S={s}", ratio)
+            ratio = {name: cpu[name] / cpu["static"] for name in ratio}
+            cpu_ratio = {name: f"{r:.3f}" for name, r in ratio.items()}
+        B.record("dynamic", f"{label}, S={s}", ratio["runtime"])
         diff = B.rel_diff(runtime(np.int32(s), x, *model_args), static(state, x, *model_args))
         rows.append(
             [
@@ -78,8 +96,11 @@ def per_step_rows(label, model_fn, model_args, x, steps, max_steps, repeats, min
                 s,
                 wall["static"] / s * 1e6,
                 wall["runtime"] / s * 1e6,
+                wall["one step"] / s * 1e6,
                 f"{wall['runtime'] / wall['static']:.3f}",
-                cpu_ratio,
+                f"{wall['one step'] / wall['static']:.3f}",
+                cpu_ratio["runtime"],
+                cpu_ratio["one step"],
                 f"{s_lo + s_co:.2f}",
                 diff,
             ]
@@ -123,17 +144,21 @@ def stream(x, max_steps, seed=0):
     return [[name, len(requests), programs[name], f"{walls[name]:.2f}"] for name in walls]
 
 
-def unroll_rows(x, repeats):
-    """The static loop with ``unroll=u`` (50 steps, elementwise model)."""
+def unroll_rows(x, repeats, max_steps):
+    """Both loops with ``unroll=u`` (50 steps, elementwise model; the runtime one's state padded
+    to ``max_steps``)."""
     state = B.state_for(50)
+    base = ddim_jax.create_state(state.config)
     runs = {}
     for u in UNROLLS:
-        fn = jax.jit(functools.partial(lambda u, x: ddim_jax.sample(B.model_fn, state, x, unroll=u), u))
-        B.block(fn(x))
-        runs[f"unroll={u}"] = functools.partial(lambda f: B.block(f(x)), fn)
+        static = jax.jit(functools.partial(lambda u, x: ddim_jax.sample(B.model_fn, state, x, unroll=u), u))
+        runtime = jax.jit(runtime_program(B.model_fn, base, max_steps, unroll=u))
+        B.block(static(x)), B.block(runtime(np.int32(50), x))
+        runs[f"static, unroll={u}"] = functools.partial(lambda f: B.block(f(x)), static)
+        runs[f"runtime, unroll={u}"] = functools.partial(lambda f: B.block(f(np.int32(50), x)), runtime)
     med = B.interleaved(runs, repeats, stat=min)
-    base = med["unroll=1"]
-    return [[B.shape_str(x.shape), name, t / 50 * 1e6, f"{t / base:.2f}"] for name, t in med.items()]
+    base_time = med["static, unroll=1"]
+    return [[B.shape_str(x.shape), name, t / 50 * 1e6, f"{t / base_time:.2f}"] for name, t in med.items()]
 
 
 def run(quick: bool = False, repeats: int | None = None) -> str:
@@ -160,7 +185,7 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         rows += part
         compile_rows.append([label, f"{runtime_compile:.2f}"])
     stream_rows = stream(x, max_steps)
-    unrolled = unroll_rows(x, repeats)
+    unrolled = unroll_rows(x, repeats, max_steps)
     return (
         f"### Runtime step count (M = {max_steps}) against a static program per S "
         f"(eta = 0; elementwise: best of {2 * repeats} interleaved repeats of >= 50 ms; "
@@ -171,22 +196,28 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
                 "S",
                 "static us/step",
                 "runtime us/step",
+                "one step per iteration us/step",
                 "runtime / static (wall)",
+                "one step / static (wall)",
                 "runtime / static (CPU time)",
+                "one step / static (CPU time)",
                 "static compile s",
                 "rel. diff",
             ],
             rows,
         )
         + "\n\n`us/step`: wall time. On a CPU the goal uses the ratio of this process's CPU "
-        "seconds (all threads), which other load on a shared machine disturbs less than wall time.\n"
+        "seconds (all threads), which other load on a shared machine disturbs less than wall time. "
+        f"`runtime`: blocks of {_loop.RUNTIME_BLOCK} steps per while-loop iteration (an inner scan), "
+        "the rest one per iteration; `one step per iteration`: the same loop traced with blocks of "
+        "1 (the runtime loop before issue 22), timed in the same rounds.\n"
         + "\nCompile time of the one runtime program (lower + compile; the static ones' are above):\n\n"
         + B.table(["model / latents", "runtime compile s"], compile_rows)
         + f"\n\nA stream of {STREAM_REQUESTS} requests, S in [5, 100], random start_step "
         f"(elementwise, {B.shape_str(x.shape)}; wall time includes compilation):\n\n"
         + B.table(["program", "requests", "programs compiled", "stream wall s"], stream_rows)
-        + "\n\nThe static loop's `unroll` (50 steps, elementwise):\n\n"
-        + B.table(["latents", "sample(..., unroll=u)", "us/step", "x unroll=1"], unrolled)
+        + f"\n\nBoth loops' `unroll` (50 steps, elementwise; runtime: M = {max_steps}):\n\n"
+        + B.table(["latents", "sample(..., unroll=u)", "us/step", "x static unroll=1"], unrolled)
         + "\n"
     )
 

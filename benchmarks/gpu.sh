@@ -5,16 +5,11 @@
 # It writes ${OUT:-.}/RESULTS_gpu.md (this GPU's section), ${OUT:-.}/RESULTS.md (the whole
 # file) and ${OUT:-.}/bench_gpu.log. Fold the section in here with:
 #   python benchmarks/run_all.py --merge <files_at>/RESULTS_gpu.md
+# One suite only, e.g. the runtime loop against the static one (issue 22; about 60 s):
+#   run(command="bash benchmarks/gpu.sh --only dynamic_steps", timeout_s=330)
+# The test suite on the GPU is tests/gpu.sh.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:.
-export PYTHONUNBUFFERED=1
-OUT_DIR="${OUT:-.}"
-mkdir -p "$OUT_DIR"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+source "$(dirname "$0")/../benchmarks/gpu_env.sh"
 # The suite stops starting new parts after --budget seconds; timeout is the hard stop.
 # Extra arguments go to run_all.py (e.g. --quick for a smoke check).
 timeout 280 python3 benchmarks/run_all.py --budget 200 "$@" 2>&1 | tee "$OUT_DIR/bench_gpu.log"

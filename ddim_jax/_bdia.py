@@ -39,7 +39,8 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_exact_inversion_loop,
-    scan_steps,
+    loop_order,
+    run_steps,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
@@ -87,21 +88,23 @@ def _steps(config: DDIMConfig, t: jax.Array, source: Alphas, to: Alphas, far: Al
     return _Step(t, coef(to), coef(far), g)
 
 
-def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array:
-    """The per-iteration weight g: ``weight`` at every iteration but the first, which gets ``first``."""
-    return jnp.full((num,), weight, dtype).at[0].set(first)
-
-
-def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
-    """The loop's checks; returns ``(start, valid)``, valid False for a traced gamma out of range."""
-    start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
+def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, options):
+    """`check_exact_inversion_loop` and gamma; ``options`` are ``(callback, callback_every, remat,
+    unroll)``. Returns ``((runtime, start, unroll), valid)``, valid False for a traced gamma out
+    of range."""
+    callback, every, remat, unroll = options
+    checked = check_exact_inversion_loop(fn, state, x, start_step, callback, every, remat, unroll)
     valid = check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
     model.check()
-    return start, valid
+    return checked, valid
 
 
-def _run(model, config, carry, steps, return_trajectory, callback, callback_every, remat):
-    """Scans ``g (z_far - D_far(z)) + D_to(z)`` with the carry ``(z_far, z)``; returns the last pair."""
+def _run(model, state, carry, steps: _Step, schedule, reverse, skip, return_trajectory, options):
+    """Runs ``g (z_far - D_far(z)) + D_to(z)`` with the carry ``(z_far, z)`` over ``steps`` (one
+    entry per schedule step, `run_steps`' order); returns the last pair (and the trajectory)."""
+    runtime, start, unroll = schedule
+    callback, every, remat, _ = options
+    config = state.config
 
     def update(pair, step: _Step):
         z_far, z = pair
@@ -110,18 +113,25 @@ def _run(model, config, carry, steps, return_trajectory, callback, callback_ever
         d_far = step.far.sqrt_alpha_prev * x0 + step.far.direction * eps
         return StepOutput((z, step.g * (z_far - d_far) + d_to), x0)
 
-    final, trajectory = scan_steps(
+    out = run_steps(
         update,
         carry,
-        steps,
+        loop_order(steps, runtime, start + skip, reverse),
+        state,
+        runtime=runtime,
+        start=start,
+        reverse=reverse,
         return_trajectory=return_trajectory,
         callback=callback,
-        callback_every=callback_every,
+        callback_every=every,
         remat=remat,
+        unroll=unroll,
+        skip=skip,
     )
-    if return_trajectory:
-        trajectory = Trajectory(trajectory.prev_sample[1], trajectory.pred_original_sample)
-    return final, trajectory
+    if not return_trajectory:
+        return out, None
+    final, trajectory = out
+    return final, Trajectory(trajectory.prev_sample[1], trajectory.pred_original_sample)
 
 
 def bdia_sample(
@@ -139,7 +149,8 @@ def bdia_sample(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """BDIA-DDIM sampling in one ``lax.scan``, one model call per step: the exact inverse of `bdia_invert`.
 
@@ -149,14 +160,19 @@ def bdia_sample(
     `sample` (no eta: the method is deterministic); the config must have ``clip_sample=False``
     and ``thresholding=False``.
 
+    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
+    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
+    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
       state: a state after `set_timesteps`.
       latents: x_T (or the sample at ``timesteps[start_step]``), or `BDIALatents` from `bdia_invert`.
       gamma: BDIA's gamma in [0, 1] (1: the paper's original update; 0: DDIM); a float or a
         traced scalar. Exact round trips need the same gamma > 0 as `bdia_invert`.
-      model_args: as for `sample`, and so are guidance_scale, guidance_rescale, guidance_layout,
-        model_dtype, return_trajectory, callback, callback_every, remat and start_step.
+      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
+        (a runtime-length state or a traced start_step runs the runtime-length loop).
         From `BDIALatents` the first step's output is ``latents.x_next`` and the loop runs
         the steps after it (the trajectory has one entry fewer).
 
@@ -177,28 +193,24 @@ def bdia_sample(
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, BDIALatents._fields)
     x = latents if pair is None else pair[0]
-    start, valid = _check("bdia_sample", model, state, x, gamma, start_step, callback, callback_every)
+    options = (callback, callback_every, remat, unroll)
+    schedule, valid = _check("bdia_sample", model, state, x, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x)
-    # Iteration k (step start + k) starts at timesteps[k] (model call) and goes to prev_timesteps[k];
-    # the far level is the previous iteration's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
-    timesteps = state.timesteps[start:]
-    far_steps = (
-        jnp.concatenate([timesteps[:1], timesteps[:-1]]) if start == 0 else state.timesteps[start - 1 : -1]
-    )
+    # Step k starts at timesteps[k] (model call) and goes to prev_timesteps[k]; the far level is
+    # the previous step's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
+    timesteps = state.timesteps
+    far_steps = jnp.concatenate([timesteps[:1], timesteps[:-1]])
     gamma = jnp.asarray(gamma, dtype)
-    g = _weights(timesteps.shape[0], gamma, 0.0, dtype)
     alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    steps = _steps(
-        config, timesteps, alpha(timesteps), alpha(state.prev_timesteps[start:]), alpha(far_steps), g
-    )
-    if pair is None:
+    if pair is None:  # the first step (start_step) is DDIM
         x = jnp.asarray(x, dtype)
-        carry = (x, x)
-    else:
-        # The first step is done: run the rest with gamma everywhere.
-        steps = jax.tree.map(lambda v: v[1:], steps._replace(g=jnp.full(g.shape, gamma)))
-        carry = tuple(jnp.asarray(v, dtype) for v in pair)
-    final, trajectory = _run(model, config, carry, steps, return_trajectory, callback, callback_every, remat)
+        carry, skip = (x, x), 0
+        g = jnp.where(jnp.arange(timesteps.shape[0]) == schedule[1], jnp.zeros((), dtype), gamma)
+    else:  # the first step is done: run the rest with gamma everywhere
+        carry, skip = tuple(jnp.asarray(v, dtype) for v in pair), 1
+        g = jnp.full(timesteps.shape, gamma)
+    steps = _steps(config, timesteps, alpha(timesteps), alpha(state.prev_timesteps), alpha(far_steps), g)
+    final, trajectory = _run(model, state, carry, steps, schedule, False, skip, return_trajectory, options)
     return nan_unless(valid, (final[1], trajectory) if return_trajectory else final[1])
 
 
@@ -217,7 +229,8 @@ def bdia_invert(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> BDIALatents | tuple[BDIALatents, Trajectory]:
     """Encodes ``x0`` to BDIA latents in one ``lax.scan`` over the ascending schedule (one model call a step).
 
@@ -227,14 +240,18 @@ def bdia_invert(
     round-off. With ``start_step`` it stops at ``state.timesteps[start_step]``, where
     ``bdia_sample(..., start_step=start_step)`` begins.
 
+    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
+    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
+    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
       state: a state after `set_timesteps` (``clip_sample=False``, ``thresholding=False``).
       x0: the clean sample, batch first.
       gamma: BDIA's gamma in (0, 1], the same as in `bdia_sample`. Each step divides by it, so
         round-off grows like ``gamma ** -S``: use 1 (the default) or close to it.
-      model_args: as for `invert`, and so are guidance_scale, guidance_rescale, guidance_layout,
-        model_dtype, return_trajectory, callback, callback_every, remat and start_step.
+      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`.
 
     Returns:
       `BDIALatents` ``(x, x_next)``: the sample at ``timesteps[start_step]`` and the one after it
@@ -252,23 +269,23 @@ def bdia_invert(
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
     check_sample_prediction_start(state.config, "bdia_invert")
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    start, valid = _check("bdia_invert", model, state, x0, gamma, start_step, callback, callback_every)
+    options = (callback, callback_every, remat, unroll)
+    schedule, valid = _check("bdia_invert", model, state, x0, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x0)
-    # Iteration 0 is DDIM inversion to timesteps[-1] from x0 (the initial alpha, as `invert`);
-    # iteration j >= 1 undoes sampling step k = S - j, from timesteps[k] up to timesteps[k - 1],
-    # with the far level prev_timesteps[k] (where the carry's other latent is).
-    num_steps = state.num_inference_steps
-    ks = jnp.arange(num_steps - 1, start - 1, -1)
-    timesteps = state.timesteps[jnp.concatenate([ks[:1], ks[:-1]])]
-    source = jnp.concatenate([state.prev_timesteps[-1:], timesteps[1:]])
-    to = jnp.concatenate([timesteps[:1], state.timesteps[ks[:-1] - 1]])
-    far = jnp.concatenate([state.prev_timesteps[-1:], state.prev_timesteps[ks[:-1]]])
+    # Entry k of the tables, visited from S - 1 down to start_step: the first step (k = S - 1) is
+    # DDIM inversion to timesteps[S - 1] from x0 (the initial alpha, as `invert`); an entry k < S - 1
+    # undoes sampling step k + 1, from timesteps[k + 1] up to timesteps[k], with the far level
+    # prev_timesteps[k + 1] (where the carry's other latent is).
+    timesteps, prev = state.timesteps, state.prev_timesteps
+    first = jnp.arange(timesteps.shape[0]) == state.num_inference_steps - 1
+    shift = lambda v: jnp.concatenate([v[1:], v[-1:]])  # noqa: E731
+    model_timesteps = jnp.where(first, timesteps, shift(timesteps))
+    source = jnp.where(first, prev, shift(timesteps))
+    far = jnp.where(first, prev, shift(prev))
     alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    g = _weights(ks.shape[0], 1 / jnp.asarray(gamma, dtype), 0.0, dtype)
-    steps = _steps(config, timesteps, alpha(source), alpha(to), alpha(far), g)
+    g = jnp.where(first, jnp.zeros((), dtype), 1 / jnp.asarray(gamma, dtype))
+    steps = _steps(config, model_timesteps, alpha(source), alpha(timesteps), alpha(far), g)
     x0 = jnp.asarray(x0, dtype)
-    final, trajectory = _run(
-        model, config, (x0, x0), steps, return_trajectory, callback, callback_every, remat
-    )
+    final, trajectory = _run(model, state, (x0, x0), steps, schedule, True, 0, return_trajectory, options)
     latents = BDIALatents(final[1], final[0])
     return nan_unless(valid, (latents, trajectory) if return_trajectory else latents)

@@ -41,7 +41,8 @@ from ddim_jax._loop import (
     StepCallback,
     Trajectory,
     check_exact_inversion_loop,
-    scan_steps,
+    loop_order,
+    run_steps,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, predict_x0_and_eps, step_coefficients
@@ -93,29 +94,63 @@ def affine_step(config: DDIMConfig, coef: StepCoefficients) -> tuple[jax.Array, 
 
 class _Loop(NamedTuple):
     model: ModelCall
-    timesteps: jax.Array  # in loop order
-    coefs: StepCoefficients  # per step, t -> t_prev
-    a: jax.Array
-    b: jax.Array
+    tables: tuple  # per schedule step: (timestep, coefs t -> t_prev, a, b)
     p: jax.Array
     dtype: Any
+    runtime: bool
+    start: int | jax.Array
+    remat: bool
+    unroll: int
     valid: bool | jax.Array  # False for a traced mixing out of range: all-NaN outputs
 
 
 def _setup(
-    fn: str, model: ModelCall, state: DDIMState, x: Any, mixing: Any, start_step: Any, callback, every
+    fn: str,
+    model: ModelCall,
+    state: DDIMState,
+    x: Any,
+    mixing: Any,
+    start_step: Any,
+    callback,
+    every,
+    remat: bool,
+    unroll: Any,
 ) -> _Loop:
-    start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
+    runtime, start, unroll = check_exact_inversion_loop(
+        fn, state, x, start_step, callback, every, remat, unroll
+    )
     valid = check_fraction("mixing", mixing, allow_zero=False)
     model.check()
     dtype = compute_dtype(x)
-    timesteps = state.timesteps[start:]
-    alpha_t = alpha_at(state, timesteps).astype(dtype)
-    alpha_prev = alpha_at(state, state.prev_timesteps[start:]).astype(dtype)
-    # Every step's scalars are computed once, before the scan.
+    alpha_t = alpha_at(state, state.timesteps).astype(dtype)
+    alpha_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
+    # Every step's scalars are computed once, before the loop.
     coefs = step_coefficients(state.config, alpha_t, alpha_prev, 0.0, add_noise=False)
     a, b = affine_step(state.config, coefs)
-    return _Loop(model, timesteps, coefs, a, b, jnp.asarray(mixing, dtype), dtype, valid)
+    tables = (state.timesteps, coefs, a, b)
+    return _Loop(model, tables, jnp.asarray(mixing, dtype), dtype, runtime, start, remat, unroll, valid)
+
+
+def _run(loop: _Loop, update, carry, state: DDIMState, reverse: bool, return_trajectory, callback, every):
+    """`run_steps` over the loop's tables; the final latents, and the trajectory of the first copy."""
+    out = run_steps(
+        update,
+        carry,
+        loop_order(loop.tables, loop.runtime, loop.start, reverse),
+        state,
+        runtime=loop.runtime,
+        start=loop.start,
+        reverse=reverse,
+        return_trajectory=return_trajectory,
+        callback=callback,
+        callback_every=every,
+        remat=loop.remat,
+        unroll=loop.unroll,
+    )
+    if not return_trajectory:
+        return out, None
+    final, trajectory = out
+    return final, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
 
 
 def edict_sample(
@@ -133,7 +168,8 @@ def edict_sample(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """EDICT denoising over ``state.timesteps`` in one ``lax.scan``: the exact inverse of `edict_invert`.
 
@@ -142,13 +178,18 @@ def edict_sample(
     `sample` (there is no eta: the method is deterministic). The config must have
     ``clip_sample=False`` and ``thresholding=False``.
 
+    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
+    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
+    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
       state: a state after `set_timesteps`.
       latents: x_T (both copies start from it), or the `EDICTLatents` from `edict_invert`.
       mixing: the mixing coefficient p in (0, 1] (the paper's 0.93); a float or traced scalar.
-      model_args: as for `sample`, and so are guidance_scale, guidance_rescale, guidance_layout,
-        model_dtype, return_trajectory, callback, callback_every, remat and start_step.
+      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
+        (a runtime-length state or a traced start_step runs the runtime-length loop).
         The trajectory and the callback follow the first copy x; its ``pred_original_sample``
         is the x0 predicted by each step's second model call.
 
@@ -169,7 +210,9 @@ def edict_sample(
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, EDICTLatents._fields)
     x = latents if pair is None else pair[0]
-    loop = _setup("edict_sample", model, state, x, mixing, start_step, callback, callback_every)
+    loop = _setup(
+        "edict_sample", model, state, x, mixing, start_step, callback, callback_every, remat, unroll
+    )
     x, y = (x, x) if pair is None else pair
     x, y = jnp.asarray(x, loop.dtype), jnp.asarray(y, loop.dtype)
     config, p = state.config, loop.p
@@ -184,19 +227,10 @@ def edict_sample(
         x0, _ = predict_x0_and_eps(config, out, x_inter, coef)
         return StepOutput(EDICTLatents(x_new, y_new), x0)
 
-    final, trajectory = scan_steps(
-        update,
-        EDICTLatents(x, y),
-        (loop.timesteps, loop.coefs, loop.a, loop.b),
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
+    final, trajectory = _run(
+        loop, update, EDICTLatents(x, y), state, False, return_trajectory, callback, callback_every
     )
-    if not return_trajectory:
-        return nan_unless(loop.valid, final.x)
-    trajectory = Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
-    return nan_unless(loop.valid, (final.x, trajectory))
+    return nan_unless(loop.valid, (final.x, trajectory) if return_trajectory else final.x)
 
 
 def edict_invert(
@@ -214,7 +248,8 @@ def edict_invert(
     callback: StepCallback | None = None,
     callback_every: int = 1,
     remat: bool = False,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
+    unroll: int = 1,
 ) -> EDICTLatents | tuple[EDICTLatents, Trajectory]:
     """Encodes ``x0`` to EDICT's coupled noise latents, in one ``lax.scan`` over the ascending schedule.
 
@@ -224,13 +259,17 @@ def edict_invert(
     steps. Two model calls per step. With ``start_step`` the inversion stops at
     ``state.timesteps[start_step]``, where ``edict_sample(..., start_step=start_step)`` begins.
 
+    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
+    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
+    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
       state: a state after `set_timesteps` (``clip_sample=False``, ``thresholding=False``).
       x0: the clean sample, batch first.
       mixing: the mixing coefficient p in (0, 1]; the same value as in `edict_sample`.
-      model_args: as for `invert`, and so are guidance_scale, guidance_rescale, guidance_layout,
-        model_dtype, return_trajectory, callback, callback_every, remat and start_step;
+      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`;
         the trajectory and the callback follow the first copy x.
 
     Returns:
@@ -248,7 +287,9 @@ def edict_invert(
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
     check_sample_prediction_start(state.config, "edict_invert")
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    loop = _setup("edict_invert", model, state, x0, mixing, start_step, callback, callback_every)
+    loop = _setup(
+        "edict_invert", model, state, x0, mixing, start_step, callback, callback_every, remat, unroll
+    )
     config, p = state.config, loop.p
     x0 = jnp.asarray(x0, loop.dtype)
 
@@ -262,17 +303,7 @@ def edict_invert(
         x0_pred, _ = predict_x0_and_eps(config, out, y, coef)
         return StepOutput(EDICTLatents(x, y), x0_pred)
 
-    reverse = lambda v: v[::-1]  # noqa: E731
-    final, trajectory = scan_steps(
-        update,
-        EDICTLatents(x0, x0),
-        jax.tree.map(reverse, (loop.timesteps, loop.coefs, loop.a, loop.b)),
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
+    final, trajectory = _run(
+        loop, update, EDICTLatents(x0, x0), state, True, return_trajectory, callback, callback_every
     )
-    if not return_trajectory:
-        return nan_unless(loop.valid, final)
-    trajectory = Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
-    return nan_unless(loop.valid, (final, trajectory))
+    return nan_unless(loop.valid, (final, trajectory) if return_trajectory else final)

@@ -122,7 +122,7 @@ def invert(
     ``sample(..., start_step=start_step)`` begins (partial inversion for editing). A
     runtime-length state or a traced ``start_step`` runs the runtime-length loop, as in
     `sample` (S - start_step model calls, NaN output for out-of-range traced values);
-    ``unroll`` is the static loop's, as in `sample`.
+    ``unroll`` is as in `sample`.
 
     Example:
       >>> import jax.numpy as jnp

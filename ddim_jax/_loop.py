@@ -171,15 +171,14 @@ def check_unroll(unroll: Any) -> int:
 
 
 def check_exact_inversion_loop(
-    fn: str, state: Any, x: Any, start_step: Any, callback: Any, every: Any
-) -> int:
-    """The checks shared by the exact-inversion loops (EDICT, BDIA): a static schedule, a config
-    whose steps can be undone, the loop options; returns the start step."""
+    fn: str, state: Any, x: Any, start_step: Any, callback: Any, every: Any, remat: bool, unroll: Any
+) -> tuple[bool, int | jax.Array, int]:
+    """The checks shared by the exact-inversion loops (EDICT, BDIA): a config whose steps can be
+    undone, the loop options; returns `check_schedule_options`' ``(runtime, start, unroll)``."""
     check_ready(state, fn)
-    check_static_schedule(state, fn)
     check_invertible_config(state.config, fn)
     check_loop_options(x, callback, every)
-    return check_start_step(start_step, state.num_inference_steps)
+    return check_schedule_options(fn, state, start_step, remat, unroll)
 
 
 def check_schedule_options(
@@ -188,26 +187,30 @@ def check_schedule_options(
     """``(runtime, start, unroll)`` for a loop that runs either loop: the runtime-length one
     (`padded_steps`: a runtime-length state or a traced ``start_step``) or the static scan."""
     runtime = state.has_runtime_length or is_traced(start_step)
+    unroll = check_unroll(unroll)
     if runtime:
         start = check_runtime_start_step(start_step, state.num_inference_steps)
-        check_runtime_options(fn, state, remat, unroll)
-        return True, start, 1
-    return False, check_start_step(start_step, state.num_inference_steps), check_unroll(unroll)
+        check_runtime_options(fn, state, remat)
+        return True, start, unroll
+    return False, check_start_step(start_step, state.num_inference_steps), unroll
 
 
-def check_runtime_options(fn: str, state: Any, remat: bool, unroll: Any = 1) -> None:
+def check_runtime_options(fn: str, state: Any, remat: bool) -> None:
     """Options the runtime-length loop (`padded_steps`) cannot honour."""
-    if check_unroll(unroll) != 1:
-        raise ValueError(
-            f"{fn}(unroll={unroll}) needs a static schedule and a Python int start_step: the "
-            "runtime-length loop (a while loop) runs one step per iteration"
-        )
     if remat:
         check_static_schedule(state, f"{fn}(remat=True)")
         raise ValueError(
             f"{fn}(remat=True) needs a Python int start_step: a traced start_step runs the "
             "runtime-length loop, which reverse-mode autodiff (jax.grad) does not go through"
         )
+
+
+def loop_order(tables: Any, runtime: bool, start: int | jax.Array, reverse: bool) -> Any:
+    """Per-step ``tables`` (schedule order, one entry per schedule step) as `run_steps` takes
+    them: all entries for the runtime loop, entries ``[start:]`` in loop order for the scan."""
+    if runtime:
+        return tables
+    return jax.tree.map(lambda v: v[start:][::-1] if reverse else v[start:], tables)
 
 
 def check_runtime_key(key: Any) -> None:
@@ -273,9 +276,22 @@ def scan_steps(
     return x, trajectory
 
 
+# Steps per iteration of the runtime loop's while loop (a multiple of ``unroll``). A while loop
+# with a traced trip count pays a device-to-host read of its predicate each iteration on a GPU;
+# blocks of steps with a static inner trip count pay it once per block.
+RUNTIME_BLOCK = 8
+
+
+def runtime_block(unroll: int, max_steps: int) -> int:
+    """The runtime loop's block: the smallest multiple of ``unroll`` >= `RUNTIME_BLOCK`, or 1
+    (no blocks, only the remainder loop) when no block fits in ``max_steps``."""
+    block = -(-RUNTIME_BLOCK // unroll) * unroll
+    return block if block <= max_steps else 1
+
+
 def padded_steps(
-    update: Callable[[jax.Array, Any], StepOutput],
-    x: jax.Array,
+    update: Callable[[Any, Any], StepOutput],
+    x: Any,
     xs: tuple,
     *,
     schedule: jax.Array,
@@ -286,36 +302,56 @@ def padded_steps(
     return_trajectory: bool,
     callback: StepCallback | None,
     callback_every: int,
-) -> tuple[jax.Array, Trajectory | None]:
-    """Runs ``update`` over entries ``[start_step, num_steps)`` of the per-step tables ``xs``
-    (each of length M, the schedule's order; ``reverse`` visits them last to first) in a
-    ``fori_loop`` with traced bounds: S - start_step model calls, whatever M.
+    unroll: int = 1,
+    skip: int = 0,
+) -> tuple[Any, Trajectory | None]:
+    """Runs ``update`` over entries ``[start_step + skip, num_steps)`` of the per-step tables
+    ``xs`` (each of length M, the schedule's order; ``reverse`` visits them last to first):
+    S - start_step - skip model calls, whatever M.
+
+    The steps run in blocks of `runtime_block` steps, an inner ``lax.scan`` (with ``unroll``)
+    per iteration of a ``fori_loop`` with a traced trip count, then the remaining steps one per
+    iteration of a second ``fori_loop``: a block-size fraction of the traced-bound iterations.
 
     When ``schedule`` (the state's timesteps), S or ``start_step`` are out of range
     (`schedule_is_valid`), no step runs and the outputs are NaN. The trajectory has M rows,
     the steps in loop order first, NaN after them. Not reverse-differentiable (a while loop).
     """
     valid = schedule_is_valid(schedule, num_steps, start_step, num_train_timesteps)
-    stop = jnp.where(valid, num_steps, start_step)
+    first = start_step + skip
+    count = jnp.where(valid, num_steps - first, 0)  # steps to run
     max_steps = xs[0].shape[0]
 
-    def body(i, carry):
+    def one_step(i, carry):
         x, trajectory = carry
-        count = i - start_step  # this call's step index
-        index = stop - 1 - count if reverse else i
+        index = first + count - 1 - i if reverse else first + i
         step_inputs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
         out = update(x, step_inputs)
         if callback is not None:
-            report(callback, callback_every, count, i == stop - 1, step_inputs[0], out)
+            report(callback, callback_every, i, i == count - 1, step_inputs[0], out)
         if return_trajectory:
-            trajectory = Trajectory(*(rows.at[count].set(v) for rows, v in zip(trajectory, out, strict=True)))
+            trajectory = jax.tree.map(lambda rows, v: rows.at[i].set(v), trajectory, Trajectory(*out))
         return out.prev_sample, trajectory
 
     empty = None
     if return_trajectory:
-        empty = Trajectory(*(jnp.full((max_steps, *x.shape), jnp.nan, x.dtype) for _ in range(2)))
-    x, trajectory = jax.lax.fori_loop(start_step, stop, body, (x, empty))
-    return jnp.where(valid, x, jnp.nan), trajectory
+        first_inputs = jax.tree.map(lambda a: a[0], xs)
+        shapes = jax.eval_shape(update, x, first_inputs)
+        empty = jax.tree.map(lambda v: jnp.full((max_steps, *v.shape), jnp.nan, v.dtype), Trajectory(*shapes))
+    carry, done = (x, empty), 0
+    block = runtime_block(unroll, max_steps)
+    if block > 1:
+
+        def run_block(b, carry):
+            def inner(carry, j):
+                return one_step(b * block + j, carry), None
+
+            return jax.lax.scan(inner, carry, jnp.arange(block, dtype=jnp.int32), unroll=unroll)[0]
+
+        carry = jax.lax.fori_loop(0, count // block, run_block, carry)
+        done = count // block * block
+    x, trajectory = jax.lax.fori_loop(done, count, one_step, carry)
+    return jax.tree.map(lambda v: jnp.where(valid, v, jnp.nan), x), trajectory
 
 
 def run_steps(
@@ -332,8 +368,12 @@ def run_steps(
     callback_every: int,
     remat: bool,
     unroll: int,
-) -> jax.Array | tuple[jax.Array, Trajectory]:
-    """`padded_steps` (``runtime``) or `scan_steps` over ``xs``; the sample, or ``(sample, trajectory)``."""
+    skip: int = 0,
+) -> Any:
+    """`padded_steps` (``runtime``) or `scan_steps` over ``xs``; the sample, or ``(sample, trajectory)``.
+
+    ``skip`` leading steps of the runtime loop are not run (the scan's ``xs`` leave them out).
+    """
     common = {"return_trajectory": return_trajectory, "callback": callback, "callback_every": callback_every}
     if runtime:
         x, trajectory = padded_steps(
@@ -345,6 +385,8 @@ def run_steps(
             start_step=start,
             num_train_timesteps=state.config.num_train_timesteps,
             reverse=reverse,
+            unroll=unroll,
+            skip=skip,
             **common,
         )
     else:

@@ -24,13 +24,13 @@ from ddim_jax._checks import (
     check_positive_int,
     check_ready,
     check_static_bools,
-    check_static_schedule,
     compute_dtype,
     eta_in_range,
     nan_unless,
 )
-from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_start_step
+from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_runtime_key, check_schedule_options
 from ddim_jax._noise import normal_noise, step_keys
+from ddim_jax._padded import schedule_is_valid
 from ddim_jax._state import DDIMState
 from ddim_jax._step import alpha_at, ddim_update, step_coefficients
 
@@ -80,7 +80,7 @@ def _check_tolerance(tolerance: Any) -> bool | jax.Array:
     return check_in("tolerance", tolerance, Interval(0, math.inf, high_open=True))
 
 
-def _check_max_iterations(max_iterations: Any, default: int) -> tuple[Any, bool | jax.Array]:
+def _check_max_iterations(max_iterations: Any, default: Any) -> tuple[Any, bool | jax.Array]:
     if max_iterations is None:
         return default, True
     if jnp.ndim(max_iterations) != 0 or not jnp.issubdtype(jnp.result_type(max_iterations), jnp.integer):
@@ -104,7 +104,7 @@ def parallel_sample(
     guidance_layout: str = "concat",
     use_clipped_model_output: bool = False,
     model_dtype: Any = None,
-    start_step: int = 0,
+    start_step: int | jax.Array = 0,
     window_sharding: jax.sharding.Sharding | None = None,
 ) -> ParallelResult:
     """`sample`'s result in fewer sequential model rounds: Picard iterations over a sliding window.
@@ -135,9 +135,16 @@ def parallel_sample(
         scalar); 0 accepts only bitwise-unchanged samples (and the one exact step per round).
       max_iterations: the most rounds (int or traced int; default S, always enough since
         each round settles at least one step). Check ``converged`` when setting it lower.
-      key: as for `sample`, and so are eta, model_args, guidance_scale, guidance_rescale,
-        guidance_layout, use_clipped_model_output, model_dtype and start_step (step i's noise
+      key, eta, model_args, guidance_scale, guidance_rescale, guidance_layout,
+      use_clipped_model_output, model_dtype, start_step: as for `sample` (step i's noise
         comes from ``jax.random.split(key, S)[i]``, per example for a batch of keys).
+        A runtime-length state (``set_timesteps(..., max_steps=M)``) or a traced
+        ``start_step`` runs one program for every S in [1, M], as in `sample`: the same rounds
+        and result as the static program (bitwise where the window is the same), the window
+        clamped to M rather than to the steps run (entries past the last step are masked,
+        their model outputs unused), ``residuals`` of M entries (NaN after the steps run). An
+        S, start_step or schedule out of range, when traced, gives a NaN sample, 0 iterations
+        and ``converged=False``.
       window_sharding: a sharding for the ``(window, *latents.shape)`` model inputs and
         samples, e.g. ``NamedSharding(mesh, P("window"))`` on a mesh with ``Auto`` axes: each
         device then evaluates the model on its share of the window (call inside ``jax.jit``).
@@ -151,32 +158,42 @@ def parallel_sample(
       >>> state = set_timesteps(create_state(DDIMConfig()), 50)
       >>> model = lambda x, t, w: jnp.tanh(w * x)
       >>> x_T = jax.random.normal(jax.random.key(0), (1, 16))
+      >>> traces = []
       >>> @jax.jit
       ... def run(w, x, tolerance):
+      ...     traces.append(w)  # runs only when jax traces (compiles) run
       ...     return parallel_sample(model, state, x, window=10, tolerance=tolerance, model_args=(w,))
       >>> exact = run(0.5, x_T, 0.0)
       >>> bool(jnp.allclose(exact.sample, sample(model, state, x_T, model_args=(0.5,)), atol=1e-5))
       True
       >>> fast = run(0.5, x_T, 0.1)  # same compiled program
-      >>> int(fast.iterations) < 50, run._cache_size()
+      >>> int(fast.iterations) < 50, len(traces)
       (True, 1)
     """
     check_ready(state, "parallel_sample")
-    check_static_schedule(state, "parallel_sample")
     check_latents("latents", latents, "parallel_sample")
     check_static_bools(use_clipped_model_output=use_clipped_model_output)
     check_loop_options(latents, None, 1)
     if jnp.shape(latents)[0] == 0:
         raise ValueError(f"parallel_sample needs at least one example, got latents of shape {latents.shape}")
-    start = check_start_step(start_step, state.num_inference_steps)
+    runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
-    num_steps = state.num_inference_steps - start
-    p = min(check_positive_int("window", window, " (steps per batched model call)"), num_steps)
-    valid = eta_in_range(eta) & _check_tolerance(tolerance)  # traced and invalid: NaN, not converged
+    window = check_positive_int("window", window, " (steps per batched model call)")
+    schedule_steps, max_steps = state.num_inference_steps, state.max_steps
+    if runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
+        check_runtime_key(key)
+        valid = schedule_is_valid(state.timesteps, schedule_steps, start, state.config.num_train_timesteps)
+        num_steps = jnp.where(valid, schedule_steps - start, 0)
+        p = min(window, max_steps)
+    else:
+        valid, num_steps = True, schedule_steps - start
+        p = min(window, num_steps)
+    # Traced and invalid: NaN outputs and converged=False.
+    values_valid = eta_in_range(eta) & _check_tolerance(tolerance)
     max_iterations, iterations_valid = _check_max_iterations(max_iterations, num_steps)
-    valid = valid & iterations_valid
+    values_valid = values_valid & iterations_valid
     if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):
         raise TypeError(
             f"window_sharding must be a jax.sharding.Sharding or None, got {type(window_sharding).__name__}"
@@ -184,16 +201,19 @@ def parallel_sample(
     config = state.config
     dtype = compute_dtype(latents)
     x = jnp.asarray(latents, dtype)
-    timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
-    keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
+    # Tables over the whole schedule (M entries for a runtime-length one); step k of the run is
+    # entry start + k.
+    timesteps = state.timesteps
+    keys = step_keys(key, max_steps) if add_noise else None
     alphas_t = alpha_at(state, timesteps).astype(dtype)
-    alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
+    alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
     coefs = step_coefficients(config, alphas_t, alphas_prev, jnp.asarray(eta, dtype), add_noise)
     # The acceptance threshold of the sample after step k: tolerance^2 times the DDPM posterior
     # variance (eta = 1) of step k + 1 (the last step's own for the final sample, whose test
     # never decides the stride).
     variance = step_coefficients(config, alphas_t, alphas_prev, 1.0, add_noise=True).std ** 2
-    threshold = jnp.asarray(tolerance, dtype) ** 2 * jnp.append(variance[1:], variance[-1])
+    has_next = jnp.arange(max_steps) + 1 < schedule_steps
+    threshold = jnp.asarray(tolerance, dtype) ** 2 * jnp.where(has_next, jnp.roll(variance, -1), variance)
 
     def constrain(a: jax.Array) -> jax.Array:
         return a if window_sharding is None else jax.lax.with_sharding_constraint(a, window_sharding)
@@ -213,15 +233,19 @@ def parallel_sample(
         begin, iteration, x_start, guess, residuals = carry
         index = begin + offsets
         k = jnp.minimum(index, num_steps - 1)  # steps past the end repeat the last; masked below
+        entry = start + k
         inputs = constrain(jnp.concatenate([x_start[None], guess[:-1]]))
         outputs = window_steps(
-            inputs, timesteps[k], jax.tree.map(lambda c: c[k], coefs), None if keys is None else keys[k]
+            inputs,
+            timesteps[entry],
+            jax.tree.map(lambda c: c[entry], coefs),
+            None if keys is None else keys[entry],
         )
         live = (index < num_steps).reshape((p,) + (1,) * x.ndim)
         drift = jnp.where(live, outputs - inputs, 0)
         new_guess = constrain(x_start + jnp.cumsum(drift, axis=0))
         mean_square = jnp.max(jnp.mean((new_guess - guess) ** 2, axis=example_axes), axis=1)  # (p,)
-        accepted = mean_square <= threshold[k]
+        accepted = mean_square <= threshold[entry]
         first_rejected = jnp.where(jnp.all(accepted), p, jnp.argmin(accepted))
         stride = jnp.minimum(jnp.minimum(first_rejected + 1, p), num_steps - begin)
         # A masked write rather than dynamic_update_slice, which refuses to mix the buffer made
@@ -242,17 +266,19 @@ def parallel_sample(
     def running(carry: _Carry) -> jax.Array:
         return (carry.begin < num_steps) & (carry.iteration < max_iterations)
 
+    rows = max_steps if runtime else num_steps  # residuals of the steps run, then NaN
     init = _Carry(
         jnp.int32(0),
         jnp.int32(0),
         x,
         constrain(jnp.broadcast_to(x, (p,) + x.shape)),
-        jnp.zeros((num_steps + p,), dtype),
+        jnp.zeros((rows + p,), dtype),
     )
     end = jax.lax.while_loop(running, body, init)
-    converged = end.begin >= num_steps
+    converged = valid & (end.begin >= num_steps)
     # Out of iterations: the current guess of x_S (within the window, or its last sample).
     guess_of_last = end.guess[jnp.clip(num_steps - end.begin - 1, 0, p - 1)]
-    final = jnp.where(converged, end.x_start, guess_of_last)
-    result = ParallelResult(final, end.iteration, converged & valid, end.residuals[:num_steps])
-    return nan_unless(valid, result)
+    final = jnp.where(valid, jnp.where(converged, end.x_start, guess_of_last), jnp.nan)
+    residuals = jnp.where(jnp.arange(rows) < num_steps, end.residuals[:rows], jnp.nan)
+    result = ParallelResult(final, end.iteration, converged & values_valid, residuals)
+    return nan_unless(values_valid, result)

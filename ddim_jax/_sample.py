@@ -99,10 +99,11 @@ def sample(
       callback_every: the callback's period in steps.
       remat: rematerialize each step on the backward pass (``jax.checkpoint``), so
         ``jax.grad`` through the loop stores one carry per step, not the model's activations.
-      unroll: steps per iteration of the static loop's ``lax.scan`` (its ``unroll``): fewer
-        loop iterations, a program that grows with it. It saves the loop's per-iteration cost,
+      unroll: steps per iteration of the loop's ``lax.scan`` (its ``unroll``): fewer loop
+        iterations, a program that grows with it. It saves the loop's per-iteration cost,
         about 7 us per step on an H200, which matters where a step is that short
-        (benchmarks/RESULTS.md); the runtime-length loop takes only 1.
+        (benchmarks/RESULTS.md). In the runtime-length loop it unrolls the inner scan of
+        each block (below).
       start_step: start at ``state.timesteps[start_step]`` with ``latents`` at that noise level
         and run the remaining steps (image-to-image / SDEdit: noise the input there with
         `add_noise`; diffusers' ``strength`` s is ``start_step = S - int(S * s)``). Step i
@@ -111,7 +112,10 @@ def sample(
         runtime-length loop below, one program for every value.
 
     Runtime-length loop: with a state from ``set_timesteps(..., max_steps=M)`` (S a runtime
-    value) or a traced ``start_step``, the steps run in a ``fori_loop`` with traced bounds:
+    value) or a traced ``start_step``, the steps run in a ``fori_loop`` with traced bounds,
+    8 steps (a multiple of ``unroll``) per iteration in an inner ``lax.scan`` and the last
+    (S - start_step) mod 8 one per iteration of a second loop (a GPU reads a traced loop's
+    predicate on the host each iteration: this reads it an eighth as often), so
     S - start_step model calls, results bitwise equal to the static loop's for the same S,
     start_step and key when the static state is a jit argument too (step i still draws from
     ``split(key, S)[i]``, which is ``split(key, M)[i]`` with jax's default

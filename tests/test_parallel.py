@@ -127,7 +127,12 @@ def test_tolerance_bounds_distance_to_sample_on_gaussian_denoiser(eta):
     assert run._cache_size() == 1
     assert distances[0] < 1e-6, distances
     assert max(distances[1:]) < 5e-3, distances  # the samples' rms is ~0.4
-    assert rounds[0] >= 90 and max(rounds[1:]) <= 100 // 3, rounds  # the issue's goal: <= S/3 rounds
+    assert max(rounds[1:]) <= 100 // 3, rounds  # the issue's goal: <= S/3 rounds
+    # Tolerance 0 accepts a step only once its sample is bitwise unchanged, which takes as many
+    # rounds as the platform's arithmetic needs to settle: XLA's CPU almost one a step (>= 90 of
+    # 100), an H200 57 (2026-11-30, any matmul precision). Everywhere the slowest setting by far.
+    settled = 90 if jax.default_backend() == "cpu" else 2 * max(rounds[1:])
+    assert rounds[0] >= settled, rounds
     assert rounds == sorted(rounds, reverse=True), rounds
 
 
