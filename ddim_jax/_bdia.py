@@ -29,6 +29,7 @@ from ddim_jax._checks import (
     latent_pair,
 )
 from ddim_jax._config import DDIMConfig
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
@@ -91,7 +92,7 @@ def _weights(num: int, weight: jax.Array, first: float, dtype: Any) -> jax.Array
 def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, callback, every):
     start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
     check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
-    model.check()
+    model.check(x)
     return start
 
 
@@ -129,6 +130,7 @@ def bdia_sample(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -150,7 +152,7 @@ def bdia_sample(
       latents: x_T (or the sample at ``timesteps[start_step]``), or `BDIALatents` from `bdia_invert`.
       gamma: BDIA's gamma in [0, 1] (1: the paper's original update; 0: DDIM); a float or a
         traced scalar. Exact round trips need the same gamma > 0 as `bdia_invert`.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step: as for `sample`.
         From `BDIALatents` the first step's output is ``latents.x_next`` and the loop runs
         the steps after it (the trajectory has one entry fewer).
@@ -168,7 +170,17 @@ def bdia_sample(
       >>> bool(jnp.allclose(bdia_sample(model_fn, state, latents), x0, rtol=1e-5, atol=1e-5))
       True
     """
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "bdia_sample",
+    )
     pair = latent_pair(latents, BDIALatents._fields)
     x = latents if pair is None else pair[0]
     start = _check("bdia_sample", model, state, x, gamma, start_step, callback, callback_every)
@@ -206,6 +218,7 @@ def bdia_invert(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -227,7 +240,7 @@ def bdia_invert(
       x0: the clean sample, batch first.
       gamma: BDIA's gamma in (0, 1], the same as in `bdia_sample`. Each step divides by it, so
         round-off grows like ``gamma ** -S``: use 1 (the default) or close to it.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step: as for `invert`.
 
     Returns:
@@ -242,7 +255,17 @@ def bdia_invert(
       >>> latents.x.shape, latents.x_next.shape
       ((1, 3), (1, 3))
     """
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "bdia_invert",
+    )
     start = _check("bdia_invert", model, state, x0, gamma, start_step, callback, callback_every)
     config, dtype = state.config, compute_dtype(x0)
     # Iteration 0 is DDIM inversion to timesteps[-1] from x0 (the initial alpha, as `invert`);

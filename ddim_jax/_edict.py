@@ -31,6 +31,7 @@ from ddim_jax._checks import (
     latent_pair,
 )
 from ddim_jax._config import DDIMConfig
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
@@ -102,7 +103,7 @@ def _setup(
 ) -> _Loop:
     start = check_exact_inversion_loop(fn, state, x, start_step, callback, every)
     check_fraction("mixing", mixing, allow_zero=False)
-    model.check()
+    model.check(x)
     dtype = compute_dtype(x)
     timesteps = state.timesteps[start:]
     alpha_t = alpha_at(state, timesteps).astype(dtype)
@@ -123,6 +124,7 @@ def edict_sample(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -142,7 +144,7 @@ def edict_sample(
       state: a state after `set_timesteps`.
       latents: x_T (both copies start from it), or the `EDICTLatents` from `edict_invert`.
       mixing: the mixing coefficient p in (0, 1] (the paper's 0.93); a float or traced scalar.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step: as for `sample`.
         The trajectory and the callback follow the first copy x; its ``pred_original_sample``
         is the x0 predicted by each step's second model call.
@@ -160,7 +162,17 @@ def edict_sample(
       >>> bool(jnp.allclose(edict_sample(model_fn, state, noise), x0, rtol=1e-5, atol=1e-5))
       True
     """
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "edict_sample",
+    )
     pair = latent_pair(latents, EDICTLatents._fields)
     x = latents if pair is None else pair[0]
     loop = _setup("edict_sample", model, state, x, mixing, start_step, callback, callback_every)
@@ -202,6 +214,7 @@ def edict_invert(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -222,7 +235,7 @@ def edict_invert(
       state: a state after `set_timesteps` (``clip_sample=False``, ``thresholding=False``).
       x0: the clean sample, batch first.
       mixing: the mixing coefficient p in (0, 1]; the same value as in `edict_sample`.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step: as for `invert`;
         the trajectory and the callback follow the first copy x.
 
@@ -237,7 +250,17 @@ def edict_invert(
       >>> latents.x.shape, latents.y.shape
       ((1, 3), (1, 3))
     """
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "edict_invert",
+    )
     loop = _setup("edict_invert", model, state, x0, mixing, start_step, callback, callback_every)
     config, p = state.config, loop.p
     x0 = jnp.asarray(x0, loop.dtype)
