@@ -144,7 +144,7 @@ def _value(name: str, value: Any, info: GuidanceInfo, like: jax.Array) -> Any:
     if isinstance(value, ScaleSchedule):
         values = jnp.asarray(value.values)
         length = values.shape[0]
-        if not is_traced(info.num_steps) and length != info.num_steps:
+        if isinstance(info.num_steps, int) and length != info.num_steps:
             raise ValueError(
                 f"{name} is a scale_schedule of {length} values; the schedule has S = {info.num_steps} steps"
             )
@@ -392,8 +392,8 @@ def cfg_pp(guidance_scale: Any = 0.6) -> Guider:
 
 def _first_step(fraction: Any, num_steps: Any) -> Any:
     """diffusers' ``int(fraction * S)``: in Python when both are known, else floor in float32."""
-    if not is_traced(fraction) and not is_traced(num_steps):
-        return int(float(fraction) * int(num_steps))
+    if not is_traced(fraction) and isinstance(num_steps, int):
+        return int(float(fraction) * num_steps)
     return jnp.floor(jnp.asarray(fraction, jnp.float32) * num_steps).astype(jnp.int32)
 
 
