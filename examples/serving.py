@@ -1,12 +1,13 @@
 """Serve a stream of requests with different step counts, strengths, guidance and seeds from
-one compiled program.
+one compiled program; each image in a request's batch carries its own guidance scale.
 
 ``generate(params, cond, latents, key, num_steps, start_step, guidance_scale, eta)`` is jitted
 once: the number of steps is a runtime value (``set_timesteps(state, num_steps,
 max_steps=MAX_STEPS)``, padded tables of static length), and so are the image-to-image start
-step, the guidance scale, eta and the key. A request with S steps and start step k costs
-S - k model calls. The model is the demo's small class-conditional UNet with random weights
-(a stand-in for a real denoiser), on 8x8 single-channel latents.
+step, the guidance scales (one per image: shape ``(batch,)``), eta and the key. A request
+with S steps and start step k costs S - k model calls. The model is the demo's small
+class-conditional UNet with random weights (a stand-in for a real denoiser), on 8x8
+single-channel latents.
 
 Usage:
   python examples/serving.py                         # 20 requests, ~15 s on 2 CPU cores, most of it compiling
@@ -72,7 +73,7 @@ def make_generate(model: UNet, config: ddim_jax.DDIMConfig, max_steps: int = MAX
 
 
 def random_requests(n: int, batch: int, seed: int, max_steps: int) -> list[dict[str, Any]]:
-    """Requests with steps in [5, max_steps], strengths, guidance scales, etas and seeds."""
+    """Requests with steps in [5, max_steps], strengths, a guidance scale per image, etas and seeds."""
     rng = np.random.default_rng(seed)
     requests = []
     for i in range(n):
@@ -84,7 +85,7 @@ def random_requests(n: int, batch: int, seed: int, max_steps: int) -> list[dict[
                 steps=steps,
                 start=start,
                 strength=strength,
-                guidance=float(rng.uniform(1.0, 9.0)),
+                guidance=rng.uniform(1.0, 9.0, size=batch).astype(np.float32),  # one per image
                 eta=float(rng.choice([0.0, 0.5, 1.0])),
                 seed=int(rng.integers(2**31)),
                 cond=rng.normal(size=(batch, COND_DIM)).astype(np.float32),
@@ -108,7 +109,7 @@ def serve(generate, params, requests: list[dict[str, Any]], *, verbose: bool = T
             key,
             np.int32(r["steps"]),
             np.int32(r["start"]),
-            np.float32(r["guidance"]),
+            r["guidance"],
             np.float32(r["eta"]),
         )
         out = np.asarray(jax.block_until_ready(out))
@@ -117,7 +118,7 @@ def serve(generate, params, requests: list[dict[str, Any]], *, verbose: bool = T
         if verbose:
             print(
                 f"request {i:2d}: steps={r['steps']:3d} strength={r['strength']:.2f} "
-                f"(model calls {r['steps'] - r['start']:3d}) guidance={r['guidance']:.1f} "
+                f"(model calls {r['steps'] - r['start']:3d}) guidance={np.round(r['guidance'], 1).tolist()} "
                 f"eta={r['eta']:.1f}: {ms:7.1f} ms"
             )
     return outputs
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             r["image"],
             jax.random.key(0),
             *(np.int32(1),) * 2,
-            *(np.float32(1),) * 2,
+            r["guidance"],
+            np.float32(1),
         )
         with open(args.export, "wb") as f:
             f.write(export_generate(generate, example))

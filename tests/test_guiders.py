@@ -332,7 +332,10 @@ def test_no_recompilation_when_any_numeric_parameter_changes():
 
     first, second = run(params(0)), run(params(1))
     assert len(traces) == 1
-    assert all(bool(jnp.isfinite(a).all()) and not bool(jnp.allclose(a, b)) for a, b in zip(first, second))
+    assert all(
+        bool(jnp.isfinite(a).all()) and not bool(jnp.allclose(a, b))
+        for a, b in zip(first, second, strict=True)
+    )
 
 
 def test_stateful_guiders_need_sample_or_invert():
