@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     guide.add_argument("--guidance-rescales", type=_float_list, default=(0.0, 0.7), help="rescale values phi")
     guide.add_argument("--guidance-steps", type=int, default=25, help="sampling steps S (trailing spacing)")
     guide.add_argument("--per-digit", type=int, default=20, help="samples per digit per cell")
+    guide.add_argument(
+        "--guidance-methods",
+        type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
+        default=None,
+        help="the guidance methods measured beside CFG at w > 1 (keys of ddim_jax.demo.guiders.GUIDERS; "
+        "default: all)",
+    )
     inv = demo.add_argument_group(
         "part 'inversion': DDIM inversion, EDICT and BDIA (v-prediction model, trailing spacing)"
     )
@@ -221,6 +228,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--inversion-guidance values must be in [0, 100], got {args.inversion_guidance}")
     if any(not 0.0 <= phi <= 1.0 for phi in args.guidance_rescales):
         raise ValueError(f"--guidance-rescales values must be in [0, 1], got {args.guidance_rescales}")
+    if args.guidance_methods is not None:
+        from ddim_jax.demo.guiders import GUIDERS
+
+        unknown = [m for m in args.guidance_methods if m not in GUIDERS]
+        if unknown or not args.guidance_methods:
+            raise ValueError(f"--guidance-methods must be from {','.join(GUIDERS)}, got {unknown or 'none'}")
     for eta in args.etas:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"--etas values must be in [0, 1], got {eta}")
@@ -276,7 +289,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from ddim_jax.demo.data import load_digits_split, to_unit_range, vary_brightness
     from ddim_jax.demo.experiments import Sampler, quality_table, reconstruction_table, tables_markdown
     from ddim_jax.demo.fixes import brightness_table, fixes_markdown, guidance_grid_images, guidance_table
-    from ddim_jax.demo.guiders import guiders_figure, guiders_markdown, guiders_table
+    from ddim_jax.demo.guiders import GUIDERS, guiders_figure, guiders_markdown, guiders_table
     from ddim_jax.demo.inversion import METHODS, run_inversion_part
     from ddim_jax.demo.metrics import default_feature_net
     from ddim_jax.demo.png import image_grid, write_png
@@ -397,10 +410,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         scales = [w for w in args.guidance_scales if w > 1]
         methods, _ = guiders_table(
             guided, features, x_reference, scales=scales, num_steps=args.guidance_steps,
-            per_digit=args.per_digit, seed=args.seed,
+            per_digit=args.per_digit, seed=args.seed, methods=args.guidance_methods or tuple(GUIDERS),
         )  # fmt: skip
         clock.lap("guidance_methods")
-        results["guidance_methods"], files["guidance_methods"] = methods, "guidance_methods.png"
+        results["guidance_methods"] = dict(methods, figure="guidance_methods.png")
         guiders_figure(methods, out / "guidance_methods.png")
         markdown.append(guiders_markdown(methods))
     if "inversion" in parts:
