@@ -20,7 +20,7 @@ from ddim_jax._checks import (
     is_traced,
     shown,
 )
-from ddim_jax._guidance import classifier_free_guidance
+from ddim_jax._guidance import per_example_value
 from ddim_jax._guiders import GuidanceInfo, Guider, cfg
 from ddim_jax._noise import is_per_example
 from ddim_jax._padded import schedule_is_valid
@@ -125,8 +125,9 @@ class ModelCall(NamedTuple):
         if self.model_dtype is not None and not jnp.issubdtype(self.model_dtype, jnp.floating):
             raise TypeError(f"model_dtype must be a float dtype or None, got {self.model_dtype!r}")
         if self.guider is None:
-            if latents is not None and self.guidance_scale is not None:
-                classifier_free_guidance(latents, latents, self.guidance_scale, self.guidance_rescale)
+            if latents is not None and self.guidance_scale is not None:  # shapes only, no compute
+                per_example_value("guidance_scale", self.guidance_scale, latents)
+                per_example_value("guidance_rescale", self.guidance_rescale, latents)
             return
         if not isinstance(self.guider, Guider):
             raise TypeError(

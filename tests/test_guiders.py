@@ -394,3 +394,19 @@ def test_guidance_page_python_blocks_run_in_order():
             exec(compile(block, f"{page}: python block {number}", "exec"), namespace)
         except Exception as err:
             raise AssertionError(f"docs/guidance.md python block {number} failed:\n{block}") from err
+
+
+def test_a_stateful_guider_in_the_runtime_length_loop_equals_the_static_loop():
+    guider = dj.guidance_window(dj.apg(4.0, momentum=-0.5, norm_threshold=1.0), 0.0, 0.75)
+    runtime = dj.set_timesteps(dj.create_state(CONFIG), S, max_steps=12)
+    static_x, static_traj = dj.sample(
+        model, STATE, X_T, model_args=ARGS, guider=guider, return_trajectory=True
+    )
+    x, traj = dj.sample(model, runtime, X_T, model_args=ARGS, guider=guider, return_trajectory=True)
+    np.testing.assert_allclose(x, static_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(traj.prev_sample[:S], static_traj.prev_sample, rtol=1e-5, atol=1e-6)
+    assert traj.prev_sample.shape == (12, *X_T.shape) and bool(jnp.isnan(traj.prev_sample[S:]).all())
+    grad = jax.grad(
+        lambda w: dj.sample(model, STATE, X_T, model_args=(w, LABELS), guider=guider, remat=True).sum()
+    )
+    assert bool(jnp.isfinite(grad(0.8)))
