@@ -3,7 +3,8 @@
 Two models: the elementwise stand-in (``0.1 * x``: the guider's own arithmetic is all the
 work) and the demo's Flax UNet (the model dominates; the window calls it on the conditional
 batch alone outside [0.2, 0.8) of the steps). Every contender is `ddim_jax.sample` with the
-doubled batch, S = 25, timed round-robin.
+doubled batch, S = 25, timed round-robin in process CPU time (steadier than wall time on a
+shared CPU; on a GPU, read the wall-clock suites).
 
 Usage: ``python benchmarks/guidance_cost.py [--quick] [--repeats N] [--write]`` (``--write``
 records the tables in benchmarks/RESULTS.md under this device's ``guidance_cost`` section).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import _bench as B
 import jax
@@ -78,7 +80,7 @@ def measure(label, model_fn, params, shape, repeats):
         compiled, _, _ = B.compile_jit(fn, state, x, cond, params, jnp.float32(5.0))
         args = (state, x, cond, params, jnp.float32(5.0))
         runs[name] = functools.partial(lambda c, a: B.block(c(*a)), compiled, args)
-    med = B.interleaved(runs, repeats)
+    med = B.interleaved(runs, repeats, clock=time.process_time)  # CPU seconds: steadier on a shared CPU
     base = med["cfg (guidance_scale=)"]
     return [[label, name, t / STEPS * 1e3, f"{t / base:.2f}"] for name, t in med.items()]
 
@@ -98,8 +100,8 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
     share = (2 * (int(WINDOW[1] * STEPS) - int(WINDOW[0] * STEPS)) + STEPS - int(WINDOW[1] * STEPS)
              + int(WINDOW[0] * STEPS)) / (2 * STEPS)  # fmt: skip
     return (
-        f"### Guidance methods: cost per step (S = {STEPS}, w = 5, doubled batch, median of {repeats} "
-        "interleaved repeats)\n\n"
+        f"### Guidance methods: cost per step (S = {STEPS}, w = 5, doubled batch, process CPU time, "
+        f"median of {repeats} interleaved repeats)\n\n"
         + B.table(["model / latents", "guider", "ms/step", "time / CFG's"], rows)
         + f"\n\nThe window guides {int(WINDOW[1] * STEPS) - int(WINDOW[0] * STEPS)} of {STEPS} steps and "
         f"calls the model on the conditional batch alone at the others: {share:.2f} of CFG's model work.\n"
