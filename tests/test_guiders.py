@@ -219,6 +219,7 @@ def one_example(b):
 
 def assert_per_example(run):
     """``run(x, args, w, phi)`` with (batch,) scales equals each example run alone with its own."""
+    run = jax.jit(run)  # the runs of one example each share a program
     together = run(X_T, ARGS, W, PHI)
     together = together.x if isinstance(together, dj.EDICTLatents) else together
     together = together.x if isinstance(together, dj.BDIALatents) else together
