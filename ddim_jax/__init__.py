@@ -14,14 +14,31 @@ from ddim_jax._config import DDIMConfig
 from ddim_jax._edict import EDICTLatents, edict_invert, edict_sample
 from ddim_jax._forward import add_noise, get_velocity, scale_model_input
 from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
+from ddim_jax._guiders import (
+    GuidanceInfo,
+    Guider,
+    ScaleSchedule,
+    apg,
+    cfg,
+    cfg_pp,
+    cfg_zero_star,
+    guidance_window,
+    scale_schedule,
+    tangential_cfg,
+)
 from ddim_jax._interpolation import slerp
 from ddim_jax._inversion import inverse_step, invert
 from ddim_jax._loop import Trajectory
 from ddim_jax._parallel import ParallelResult, parallel_sample
 from ddim_jax._sample import sample
+<<<<<<< HEAD
 from ddim_jax._schedule import betas_for_config
 from ddim_jax._state import DDIMState, create_state, set_timesteps
 from ddim_jax._step import MIN_ALPHA_CUMPROD, StepOutput, step
+=======
+from ddim_jax._state import DDIMState, betas_for_config, create_state, set_timesteps
+from ddim_jax._step import MIN_ALPHA_CUMPROD, GuidedOutput, StepOutput, step
+>>>>>>> i21
 
 __version__ = "0.1.0"
 
@@ -31,25 +48,36 @@ __all__ = [
     "DDIMConfig",
     "DDIMState",
     "EDICTLatents",
+    "GuidanceInfo",
+    "GuidedOutput",
+    "Guider",
     "ParallelResult",
+    "ScaleSchedule",
     "StepOutput",
     "Trajectory",
     "add_noise",
+    "apg",
     "bdia_invert",
     "bdia_sample",
     "betas_for_config",
+    "cfg",
+    "cfg_pp",
+    "cfg_zero_star",
     "classifier_free_guidance",
     "create_state",
     "edict_invert",
     "edict_sample",
     "get_velocity",
+    "guidance_window",
     "inverse_step",
     "invert",
     "parallel_sample",
     "rescale_noise_cfg",
     "sample",
     "scale_model_input",
+    "scale_schedule",
     "set_timesteps",
     "slerp",
     "step",
+    "tangential_cfg",
 ]

@@ -33,6 +33,7 @@ from ddim_jax._checks import (
     nan_unless,
 )
 from ddim_jax._config import DDIMConfig
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
@@ -95,7 +96,7 @@ def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, star
     callback, every, remat, unroll = options
     checked = check_exact_inversion_loop(fn, state, x, start_step, callback, every, remat, unroll)
     valid = check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
-    model.check()
+    model.check(x)
     return checked, valid
 
 
@@ -144,6 +145,7 @@ def bdia_sample(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -170,7 +172,7 @@ def bdia_sample(
       latents: x_T (or the sample at ``timesteps[start_step]``), or `BDIALatents` from `bdia_invert`.
       gamma: BDIA's gamma in [0, 1] (1: the paper's original update; 0: DDIM); a float or a
         traced scalar. Exact round trips need the same gamma > 0 as `bdia_invert`.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
         (a runtime-length state or a traced start_step runs the runtime-length loop).
         From `BDIALatents` the first step's output is ``latents.x_next`` and the loop runs
@@ -190,7 +192,17 @@ def bdia_sample(
       True
     """
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "bdia_sample",
+    )
     pair = latent_pair(latents, BDIALatents._fields)
     x = latents if pair is None else pair[0]
     options = (callback, callback_every, remat, unroll)
@@ -224,6 +236,7 @@ def bdia_invert(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -250,7 +263,7 @@ def bdia_invert(
       x0: the clean sample, batch first.
       gamma: BDIA's gamma in (0, 1], the same as in `bdia_sample`. Each step divides by it, so
         round-off grows like ``gamma ** -S``: use 1 (the default) or close to it.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`.
 
     Returns:
@@ -268,7 +281,17 @@ def bdia_invert(
     check_latents("x0", x0, "bdia_invert")
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
     check_sample_prediction_start(state.config, "bdia_invert")
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "bdia_invert",
+    )
     options = (callback, callback_every, remat, unroll)
     schedule, valid = _check("bdia_invert", model, state, x0, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x0)

@@ -35,6 +35,7 @@ from ddim_jax._checks import (
     nan_unless,
 )
 from ddim_jax._config import DDIMConfig
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
@@ -120,7 +121,7 @@ def _setup(
         fn, state, x, start_step, callback, every, remat, unroll
     )
     valid = check_fraction("mixing", mixing, allow_zero=False)
-    model.check()
+    model.check(x)
     dtype = compute_dtype(x)
     alpha_t = alpha_at(state, state.timesteps).astype(dtype)
     alpha_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
@@ -163,6 +164,7 @@ def edict_sample(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -187,7 +189,7 @@ def edict_sample(
       state: a state after `set_timesteps`.
       latents: x_T (both copies start from it), or the `EDICTLatents` from `edict_invert`.
       mixing: the mixing coefficient p in (0, 1] (the paper's 0.93); a float or traced scalar.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
         (a runtime-length state or a traced start_step runs the runtime-length loop).
         The trajectory and the callback follow the first copy x; its ``pred_original_sample``
@@ -207,7 +209,17 @@ def edict_sample(
       True
     """
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "edict_sample",
+    )
     pair = latent_pair(latents, EDICTLatents._fields)
     x = latents if pair is None else pair[0]
     loop = _setup(
@@ -243,6 +255,7 @@ def edict_invert(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -268,7 +281,7 @@ def edict_invert(
       state: a state after `set_timesteps` (``clip_sample=False``, ``thresholding=False``).
       x0: the clean sample, batch first.
       mixing: the mixing coefficient p in (0, 1]; the same value as in `edict_sample`.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype,
+      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
         return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`;
         the trajectory and the callback follow the first copy x.
 
@@ -286,7 +299,17 @@ def edict_invert(
     check_latents("x0", x0, "edict_invert")
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
     check_sample_prediction_start(state.config, "edict_invert")
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "edict_invert",
+    )
     loop = _setup(
         "edict_invert", model, state, x0, mixing, start_step, callback, callback_every, remat, unroll
     )

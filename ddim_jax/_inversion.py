@@ -20,7 +20,9 @@ from ddim_jax._checks import (
     nan_unless,
 )
 from ddim_jax._config import DDIMConfig
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
+    GuidedCarry,
     ModelCall,
     ModelFn,
     StepCallback,
@@ -106,6 +108,7 @@ def invert(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     model_dtype: Any = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
@@ -116,8 +119,9 @@ def invert(
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Encodes a clean sample to noise by running `inverse_step` over the ascending schedule.
 
-    One ``lax.scan``; the arguments mean what they mean for `sample`. Sampling the result
-    with the same state and eta = 0 reconstructs ``x0`` (closely, for enough steps). With
+    One ``lax.scan``; the arguments mean what they mean for `sample` (a ``guider`` sees
+    ``info.inverse`` True: `cfg_pp` then swaps its two outputs, as CFG++'s inversion does).
+    Sampling the result with the same state and eta = 0 reconstructs ``x0`` (closely, for enough steps). With
     ``start_step`` the inversion stops at ``state.timesteps[start_step]``, where
     ``sample(..., start_step=start_step)`` begins (partial inversion for editing). A
     runtime-length state or a traced ``start_step`` runs the runtime-length loop, as in
@@ -139,8 +143,18 @@ def invert(
     check_static_bools(return_trajectory=return_trajectory, remat=remat)
     check_loop_options(x0, callback, callback_every)
     runtime, start, unroll = check_schedule_options("invert", state, start_step, remat, unroll)
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    model.check()
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "invert",
+    )
+    model.check(x0)
     config = state.config
     check_sample_prediction_start(config, "invert")
     dtype = compute_dtype(x0)
@@ -150,13 +164,16 @@ def invert(
     alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
     coefs = _inverse_coefficients(config, alphas_source, alpha_at(state, timesteps).astype(dtype))
 
-    def update(x, step_inputs):
-        t, coef = step_inputs
-        return _inverse_update(config, coef, model(x, t), x)
+    def update(carry, step_inputs):
+        (x, guider_state), (t, coef) = carry, step_inputs
+        out, guider_state = model.guided(x, t, guider_state)
+        x, x0 = _inverse_update(config, coef, out, x)
+        return StepOutput(GuidedCarry(x, guider_state), x0)
 
+    x = jnp.asarray(x0, dtype)
     return run_steps(
         update,
-        jnp.asarray(x0, dtype),
+        GuidedCarry(x, model.init(x)),
         (timesteps, coefs),
         state,
         runtime=runtime,

@@ -21,10 +21,11 @@ from ddim_jax._checks import (
     is_traced,
     shown,
 )
-from ddim_jax._guidance import classifier_free_guidance
+from ddim_jax._guidance import per_example_value
+from ddim_jax._guiders import GuidanceInfo, Guider, cfg
 from ddim_jax._noise import is_per_example
 from ddim_jax._padded import schedule_is_valid
-from ddim_jax._step import StepOutput
+from ddim_jax._step import GuidedOutput, StepOutput
 
 __all__ = ["Trajectory", "ModelFn", "StepCallback"]
 
@@ -75,6 +76,21 @@ def check_model_output(out: Any) -> None:
     raise TypeError(f"model_fn must return an array, got a {kind}: {fix}")
 
 
+class GuidedCarry(NamedTuple):
+    """A loop's carry with a guider's state beside the sample (the trajectory records ``x``)."""
+
+    x: Any
+    guider_state: Any
+
+
+def sample_of(carry: Any) -> Any:
+    """The sample in a loop's carry: ``carry.x`` of a `GuidedCarry`, else the carry itself."""
+    return carry.x if isinstance(carry, GuidedCarry) else carry
+
+
+STATEFUL_LOOPS = ("sample", "invert")  # the loops that carry a guider's state through their steps
+
+
 class ModelCall(NamedTuple):
     """How a loop calls the model each step: arguments, guidance and dtype, validated once.
 
@@ -82,6 +98,10 @@ class ModelCall(NamedTuple):
     ``[x, x]``, with conditioning ``concat([uncond, cond])``) or ``"interleave"``
     (``[x_0, x_0, x_1, x_1, ...]``, with conditioning ``stack([uncond, cond], 1)`` flattened to
     the batch axis), which keeps each example's pair on its device when the batch is sharded.
+    ``guider`` (or the CFG shorthand ``guidance_scale``) turns the two outputs into one;
+    ``state`` is the loop's `DDIMState`, from which each step's `GuidanceInfo` is read, and
+    ``loop`` the public function's name (`invert` sets ``info.inverse``; only `sample` and
+    `invert` carry a guider's state; EDICT's coupled step takes one output, not a split one).
     """
 
     model_fn: ModelFn
@@ -90,8 +110,11 @@ class ModelCall(NamedTuple):
     guidance_rescale: float | jax.Array
     guidance_layout: str
     model_dtype: Any
+    guider: Guider | None = None
+    state: Any = None
+    loop: str = "sample"
 
-    def check(self) -> None:
+    def check(self, latents: Any = None) -> None:
         if not callable(self.model_fn):
             raise TypeError(f"model_fn must be callable, got {type(self.model_fn).__name__}")
         if not isinstance(self.model_args, tuple):
@@ -102,15 +125,104 @@ class ModelCall(NamedTuple):
             )
         if self.model_dtype is not None and not jnp.issubdtype(self.model_dtype, jnp.floating):
             raise TypeError(f"model_dtype must be a float dtype or None, got {self.model_dtype!r}")
+        if self.guider is None:
+            if latents is not None and self.guidance_scale is not None:  # shapes only, no compute
+                per_example_value("guidance_scale", self.guidance_scale, latents)
+                per_example_value("guidance_rescale", self.guidance_rescale, latents)
+            return
+        if not isinstance(self.guider, Guider):
+            raise TypeError(
+                f"guider must be a Guider (e.g. ddim_jax.cfg(7.5)), got {type(self.guider).__name__}"
+            )
+        if self.guidance_scale is not None:
+            raise ValueError(
+                "pass guidance_scale (the CFG shorthand) or guider, not both: "
+                "cfg(guidance_scale, guidance_rescale) is the guider the shorthand makes"
+            )
+        if any(i >= len(self.model_args) for i in self.guider.conditional_args):
+            raise ValueError(
+                f"the guider's conditional_args {self.guider.conditional_args} name positions past "
+                f"model_args, which has {len(self.model_args)} entries"
+            )
+        stateful = latents is not None and jax.tree.leaves(jax.eval_shape(self.guider.init, latents))
+        if stateful and self.loop not in STATEFUL_LOOPS:
+            why = (
+                "its steps do not run in order"
+                if self.loop == "parallel_sample"
+                else "exact inversion needs each step to depend on its own inputs alone"
+            )
+            raise ValueError(
+                f"{self.loop} needs a stateless guider (one whose init returns no arrays): {why}; a "
+                "guider's state (e.g. apg's momentum) is carried by sample and invert only"
+            )
 
-    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        """The (guided) model output for ``x`` at ``t``, in ``x``'s dtype."""
+    def _guider(self) -> Guider | None:
+        if self.guider is None and self.guidance_scale is not None:
+            return cfg(self.guidance_scale, self.guidance_rescale)
+        return self.guider
+
+    def init(self, x: jax.Array) -> Any:
+        """The guider's initial state for latents ``x`` (``()`` without one)."""
+        guider = self._guider()
+        return () if guider is None else guider.init(x)
+
+    def __call__(self, x: jax.Array, t: jax.Array) -> Any:
+        """The (guided) model output for ``x`` at ``t``, in ``x``'s dtype, for a stateless guider."""
+        return self.guided(x, t, self.init(x))[0]
+
+    def guided(self, x: jax.Array, t: jax.Array, guider_state: Any) -> tuple[Any, Any]:
+        """``(output, new guider state)`` for ``x`` at ``t``: an array, or a `GuidedOutput`."""
+        guider = self._guider()
         x_in = x if self.model_dtype is None else x.astype(self.model_dtype)
-        if self.guidance_scale is None:
-            out = self.model_fn(x_in, t, *self.model_args)
-            check_model_output(out)
-            check_same_shape("model_fn output", out, "latents", x)
-            return out.astype(x.dtype)
+        if guider is None:
+            return self._single(x, x_in, t, self.model_args), guider_state
+        info = GuidanceInfo(
+            jnp.argmax(self.state.timesteps == t).astype(jnp.int32),
+            self.state.num_inference_steps,
+            t,
+            self.state.alphas_cumprod[t],
+            x,
+            self.state.config.prediction_type,
+            self.loop == "invert",
+        )
+
+        def guide(guider_state):
+            uncond, cond = self._doubled(x, x_in, t)
+            out, guider_state = guider.apply(guider_state, uncond, cond, info)
+            if isinstance(out, GuidedOutput) and self.loop.startswith("edict"):
+                raise ValueError(
+                    f"{self.loop} takes one model output per call: its coupled step cannot split it "
+                    "as a GuidedOutput (CFG++) needs; use sample / invert or bdia_sample / bdia_invert"
+                )
+            check_same_shape(
+                "the guider's output", out.denoise if isinstance(out, GuidedOutput) else out, "latents", x
+            )
+            return jax.tree.map(lambda v: v.astype(x.dtype), out), guider_state
+
+        if guider.active is None:
+            return guide(guider_state)
+        split = []
+
+        def guided_branch(guider_state):
+            out, guider_state = guide(guider_state)
+            split.append(isinstance(out, GuidedOutput))
+            return (out if split[-1] else GuidedOutput(out, out)), guider_state
+
+        def conditional_branch(guider_state):
+            cond = self._conditional(x, x_in, t, guider.conditional_args)
+            return GuidedOutput(cond, cond), guider_state
+
+        out, guider_state = jax.lax.cond(guider.active(info), guided_branch, conditional_branch, guider_state)
+        return (out if split[-1] else out.denoise), guider_state
+
+    def _single(self, x: jax.Array, x_in: jax.Array, t: jax.Array, model_args: tuple) -> jax.Array:
+        out = self.model_fn(x_in, t, *model_args)
+        check_model_output(out)
+        check_same_shape("model_fn output", out, "latents", x)
+        return out.astype(x.dtype)
+
+    def _doubled(self, x: jax.Array, x_in: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The unconditional and conditional outputs of one call on the doubled batch."""
         batch = x.shape[0]
         if self.guidance_layout == "concat":
             doubled = jnp.concatenate([x_in, x_in])
@@ -121,16 +233,36 @@ class ModelCall(NamedTuple):
         if jnp.shape(out) != doubled.shape:
             order = "[uncond, cond]" if self.guidance_layout == "concat" else "[uncond_0, cond_0, ...]"
             raise ValueError(
-                f"Shape mismatch: with guidance_scale, model_fn must return the doubled batch "
+                f"Shape mismatch: with guidance, model_fn must return the doubled batch "
                 f"{order} of shape {doubled.shape}, got {jnp.shape(out)}"
             )
         out = out.astype(x.dtype)
         if self.guidance_layout == "concat":
-            uncond, cond = jnp.split(out, 2)
-        else:
-            pairs = out.reshape((batch, 2) + x.shape[1:])
-            uncond, cond = pairs[:, 0], pairs[:, 1]
-        return classifier_free_guidance(uncond, cond, self.guidance_scale, self.guidance_rescale)
+            return tuple(jnp.split(out, 2))
+        pairs = out.reshape((batch, 2) + x.shape[1:])
+        return pairs[:, 0], pairs[:, 1]
+
+    def _conditional(
+        self, x: jax.Array, x_in: jax.Array, t: jax.Array, positions: tuple[int, ...]
+    ) -> jax.Array:
+        """The conditional output alone: one call on ``x`` with the conditioning at ``positions``
+        halved, or (no positions) the doubled call's conditional half."""
+        if not positions:
+            return self._doubled(x, x_in, t)[1]
+        batch = x.shape[0]
+
+        def half(a):
+            if jnp.shape(a)[:1] != (2 * batch,):
+                raise ValueError(
+                    f"conditional_args: model_args entries at {positions} must hold the doubled batch "
+                    f"(leading axis 2 * batch = {2 * batch}), got an array of shape {jnp.shape(a)}"
+                )
+            return a[batch:] if self.guidance_layout == "concat" else a[1::2]
+
+        args = tuple(
+            jax.tree.map(half, arg) if i in positions else arg for i, arg in enumerate(self.model_args)
+        )
+        return self._single(x, x_in, t, args)
 
 
 def check_loop_options(latents: Any, callback: Any, callback_every: Any) -> None:
@@ -269,7 +401,10 @@ def scan_steps(
         out = step_fn(x, step_inputs)
         if callback is not None:
             report(callback, callback_every, index, index == num_steps - 1, step_inputs[0], out)
-        return out.prev_sample, (Trajectory(*out) if return_trajectory else None)
+        record = (
+            Trajectory(sample_of(out.prev_sample), out.pred_original_sample) if return_trajectory else None
+        )
+        return out.prev_sample, record
 
     indices = jnp.arange(num_steps, dtype=jnp.int32)
     x, trajectory = jax.lax.scan(body, x, (indices, xs), unroll=unroll)
@@ -330,14 +465,16 @@ def padded_steps(
         if callback is not None:
             report(callback, callback_every, i, i == count - 1, step_inputs[0], out)
         if return_trajectory:
-            trajectory = jax.tree.map(lambda rows, v: rows.at[i].set(v), trajectory, Trajectory(*out))
+            row = Trajectory(sample_of(out.prev_sample), out.pred_original_sample)
+            trajectory = jax.tree.map(lambda rows, v: rows.at[i].set(v), trajectory, row)
         return out.prev_sample, trajectory
 
     empty = None
     if return_trajectory:
         first_inputs = jax.tree.map(lambda a: a[0], xs)
         shapes = jax.eval_shape(update, x, first_inputs)
-        empty = jax.tree.map(lambda v: jnp.full((max_steps, *v.shape), jnp.nan, v.dtype), Trajectory(*shapes))
+        row = Trajectory(sample_of(shapes.prev_sample), shapes.pred_original_sample)
+        empty = jax.tree.map(lambda v: jnp.full((max_steps, *v.shape), jnp.nan, v.dtype), row)
     carry, done = (x, empty), 0
     block = runtime_block(unroll, max_steps)
     if block > 1:
@@ -351,7 +488,7 @@ def padded_steps(
         carry = jax.lax.fori_loop(0, count // block, run_block, carry)
         done = count // block * block
     x, trajectory = jax.lax.fori_loop(done, count, one_step, carry)
-    return jax.tree.map(lambda v: jnp.where(valid, v, jnp.nan), x), trajectory
+    return jax.tree.map(lambda v: jnp.where(valid, v, jnp.nan), sample_of(x)), trajectory
 
 
 def run_steps(
@@ -391,4 +528,5 @@ def run_steps(
         )
     else:
         x, trajectory = scan_steps(update, x, xs, remat=remat, unroll=unroll, **common)
+        x = sample_of(x)
     return (x, trajectory) if return_trajectory else x

@@ -28,6 +28,7 @@ from ddim_jax._checks import (
     eta_in_range,
     nan_unless,
 )
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_runtime_key, check_schedule_options
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._padded import schedule_is_valid
@@ -102,6 +103,7 @@ def parallel_sample(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     use_clipped_model_output: bool = False,
     model_dtype: Any = None,
     start_step: int | jax.Array = 0,
@@ -135,7 +137,7 @@ def parallel_sample(
         scalar); 0 accepts only bitwise-unchanged samples (and the one exact step per round).
       max_iterations: the most rounds (int or traced int; default S, always enough since
         each round settles at least one step). Check ``converged`` when setting it lower.
-      key, eta, model_args, guidance_scale, guidance_rescale, guidance_layout,
+      key, eta, model_args, guidance_scale, guidance_rescale, guidance_layout, guider,
       use_clipped_model_output, model_dtype, start_step: as for `sample` (step i's noise
         comes from ``jax.random.split(key, S)[i]``, per example for a batch of keys).
         A runtime-length state (``set_timesteps(..., max_steps=M)``) or a traced
@@ -177,8 +179,18 @@ def parallel_sample(
     if jnp.shape(latents)[0] == 0:
         raise ValueError(f"parallel_sample needs at least one example, got latents of shape {latents.shape}")
     runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    model.check()
+    model = ModelCall(
+        model_fn,
+        model_args,
+        guidance_scale,
+        guidance_rescale,
+        guidance_layout,
+        model_dtype,
+        guider,
+        state,
+        "parallel_sample",
+    )
+    model.check(latents)
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
     window = check_positive_int("window", window, " (steps per batched model call)")
     schedule_steps, max_steps = state.num_inference_steps, state.max_steps

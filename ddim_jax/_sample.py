@@ -16,7 +16,9 @@ from ddim_jax._checks import (
     eta_in_range,
     nan_unless,
 )
+from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
+    GuidedCarry,
     ModelCall,
     ModelFn,
     StepCallback,
@@ -28,7 +30,7 @@ from ddim_jax._loop import (
 )
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._state import DDIMState
-from ddim_jax._step import alpha_at, ddim_update, step_coefficients
+from ddim_jax._step import StepOutput, alpha_at, ddim_update, step_coefficients
 
 __all__ = ["sample"]
 
@@ -44,6 +46,7 @@ def sample(
     guidance_scale: float | jax.Array | None = None,
     guidance_rescale: float | jax.Array = 0.0,
     guidance_layout: str = "concat",
+    guider: Guider | None = None,
     use_clipped_model_output: bool = False,
     model_dtype: Any = None,
     return_trajectory: bool = False,
@@ -83,12 +86,17 @@ def sample(
       eta: DDIM's eta in [0, 1]; a float or a traced scalar (traced needs ``key``; a traced
         eta outside [0, 1] gives an all-NaN output).
       model_args: extra positional arguments of ``model_fn`` (params, conditioning).
-      guidance_scale: classifier-free guidance weight w, or None for no guidance.
-      guidance_rescale: guidance rescale phi (diffusers ``guidance_rescale``).
+      guidance_scale: classifier-free guidance weight w, or None for no guidance: a float,
+        a traced scalar, or one value per example (shape ``(batch,)``), which equals a
+        separate run per example. Shorthand for ``guider=cfg(w, phi)``.
+      guidance_rescale: guidance rescale phi (diffusers ``guidance_rescale``), the same forms.
       guidance_layout: order of the doubled batch: ``"concat"`` (diffusers' ``[x, x]`` and
         ``[uncond, cond]``) or ``"interleave"`` (``[x_0, x_0, x_1, x_1, ...]``, conditioning
         ``stack([uncond, cond], axis=1)`` reshaped to ``(2 * batch, ...)``), which keeps a
         batch-sharded loop free of cross-device traffic under ``jax.jit``.
+      guider: a `Guider` (`cfg`, `apg`, `cfg_zero_star`, `tangential_cfg`, `cfg_pp`, a
+        `guidance_window` of one, or your own) instead of ``guidance_scale``: ``model_fn`` is
+        called as with ``guidance_scale``, and the guider's state is carried through the loop.
       use_clipped_model_output: diffusers' flag, see `step`.
       model_dtype: if set, the model sees ``x`` cast to this dtype (e.g. ``jnp.bfloat16``);
         the carry and the scheduler math stay float32.
@@ -159,8 +167,10 @@ def sample(
     )
     check_loop_options(latents, callback, callback_every)
     runtime, start, unroll = check_schedule_options("sample", state, start_step, remat, unroll)
-    model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
-    model.check()
+    model = ModelCall(
+        model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype, guider, state
+    )
+    model.check(latents)
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
     valid = eta_in_range(eta)  # traced and outside [0, 1]: all-NaN outputs
     config = state.config
@@ -179,17 +189,18 @@ def sample(
     alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
     coefs = step_coefficients(config, alphas_t, alphas_prev, eta, add_noise)
 
-    def update(x, step_inputs):
-        t, coef, step_key = step_inputs
-        out = model(x, t)
+    def update(carry, step_inputs):
+        (x, guider_state), (t, coef, step_key) = carry, step_inputs
+        out, guider_state = model.guided(x, t, guider_state)
         noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
-        return ddim_update(
+        x, x0 = ddim_update(
             config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
         )
+        return StepOutput(GuidedCarry(x, guider_state), x0)
 
     result = run_steps(
         update,
-        x,
+        GuidedCarry(x, model.init(x)),
         (timesteps, coefs, keys),
         state,
         runtime=runtime,

@@ -25,7 +25,7 @@ from ddim_jax._config import DDIMConfig
 from ddim_jax._noise import normal_noise
 from ddim_jax._state import DDIMState
 
-__all__ = ["StepOutput", "step", "MIN_ALPHA_CUMPROD"]
+__all__ = ["GuidedOutput", "StepOutput", "step", "MIN_ALPHA_CUMPROD"]
 
 # Stand-in for an alpha_cumprod(t) of exactly 0 when converting an epsilon prediction to x0:
 # a zero-terminal-SNR schedule's last entry (alphas_cumprod[T-1] == 0), where diffusers' DDIM
@@ -53,6 +53,28 @@ class StepOutput(NamedTuple):
 
     prev_sample: jax.Array
     pred_original_sample: jax.Array
+
+
+class GuidedOutput(NamedTuple):
+    """A model output split in two for the DDIM step (CFG++): x0 from one, epsilon from the other.
+
+    A guider may return this instead of one array: the step predicts x0 from ``denoise`` and
+    takes the direction to the next noise level (epsilon) from ``renoise``. One array ``m`` is
+    ``GuidedOutput(m, m)``.
+
+    Attributes:
+      denoise: the output the step predicts x0 from.
+      renoise: the output the step re-noises with (its epsilon).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import GuidedOutput
+      >>> GuidedOutput(jnp.zeros(2), jnp.ones(2)).renoise.tolist()
+      [1.0, 1.0]
+    """
+
+    denoise: jax.Array
+    renoise: jax.Array
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -129,7 +151,11 @@ def step_coefficients(
 def predict_x0_and_eps(
     config: DDIMConfig, model_output: jax.Array, sample: jax.Array, coef: StepCoefficients
 ) -> tuple[jax.Array, jax.Array]:
-    """Converts the model output to (x0, epsilon) for the config's prediction type."""
+    """Converts the model output to (x0, epsilon) for the config's prediction type; a
+    `GuidedOutput` gives x0 from its ``denoise`` part and epsilon from its ``renoise`` part."""
+    if isinstance(model_output, GuidedOutput):
+        x0, _ = predict_x0_and_eps(config, model_output.denoise, sample, coef)
+        return x0, predict_x0_and_eps(config, model_output.renoise, sample, coef)[1]
     sqrt_a, sqrt_om = coef.sqrt_alpha, coef.sqrt_one_minus
     if config.prediction_type == "epsilon":
         return (sample - sqrt_om * model_output) * coef.inv_sqrt_alpha, model_output
@@ -169,6 +195,11 @@ def ddim_update(
     x0, eps = predict_x0_and_eps(config, model_output, sample, coef)
     x0 = clip_or_threshold(config, x0, allow_thresholding)
     if use_clipped_model_output:
+        if isinstance(model_output, GuidedOutput):
+            raise ValueError(
+                "use_clipped_model_output=True recomputes epsilon from the clipped x0, which would "
+                "drop a split guided output's renoise part (CFG++): pass use_clipped_model_output=False"
+            )
         eps = (sample - coef.sqrt_alpha * x0) / coef.sqrt_one_minus
     prev = coef.sqrt_alpha_prev * x0 + coef.direction * eps
     if noise is not None:

@@ -1,15 +1,17 @@
 """Serve a stream of requests with different step counts, strengths, guidance and seeds from
-one compiled program per kind of request.
+one compiled program per kind of request; each image in a request's batch carries its own
+guidance scale.
 
 ``generate(params, cond, latents, key, num_steps, start_step, guidance_scale, eta)`` is jitted
 once: the number of steps is a runtime value (``set_timesteps(state, num_steps,
 max_steps=MAX_STEPS)``, padded tables of static length), and so are the image-to-image start
-step, the guidance scale, eta and the key. A request with S steps and start step k costs
-S - k model calls. ``edit(params, source_cond, target_cond, image, num_steps, start_step,
-guidance_scale)`` is the editing request, jitted once too: EDICT inverts the image under its
-own conditioning up to the start step, exactly, then samples it back under the new one
-(4 (S - k) model calls). The model is the demo's small class-conditional UNet with random
-weights (a stand-in for a real denoiser), on 8x8 single-channel latents.
+step, the guidance scales (one per image: shape ``(batch,)``), eta and the key. A request with
+S steps and start step k costs S - k model calls. ``edit(params, source_cond, target_cond,
+image, num_steps, start_step, guidance_scale)`` is the editing request, jitted once too: EDICT
+inverts the image under its own conditioning up to the start step, exactly, then samples it
+back under the new one (4 (S - k) model calls). The model is the demo's small
+class-conditional UNet with random weights (a stand-in for a real denoiser), on 8x8
+single-channel latents.
 
 Usage:
   python examples/serving.py                         # 20 requests, ~15 s on 2 CPU cores, most of it compiling
@@ -107,8 +109,8 @@ def make_edit(model: UNet, config: ddim_jax.DDIMConfig, max_steps: int = MAX_STE
 
 
 def random_requests(n: int, batch: int, seed: int, max_steps: int) -> list[dict[str, Any]]:
-    """Requests with steps in [5, max_steps], strengths, guidance scales, etas and seeds; every
-    third one an edit (with a source conditioning)."""
+    """Requests with steps in [5, max_steps], strengths, a guidance scale per image, etas and
+    seeds; every third one an edit (with a source conditioning)."""
     rng = np.random.default_rng(seed)
     requests = []
     for i in range(n):
@@ -122,7 +124,7 @@ def random_requests(n: int, batch: int, seed: int, max_steps: int) -> list[dict[
                 steps=steps,
                 start=start,
                 strength=strength,
-                guidance=float(rng.uniform(1.0, 9.0)),
+                guidance=rng.uniform(1.0, 9.0, size=batch).astype(np.float32),  # one per image
                 eta=float(rng.choice([0.0, 0.5, 1.0])),
                 seed=int(rng.integers(2**31)),
                 cond=rng.normal(size=(batch, COND_DIM)).astype(np.float32),
@@ -154,7 +156,8 @@ def serve(
         if verbose:
             print(
                 f"request {i:2d}: steps={r['steps']:3d} strength={r['strength']:.2f} "
-                f"(model calls {calls:3d}) guidance={r['guidance']:.1f} {what}: {ms:7.1f} ms"
+                f"(model calls {calls:3d}) guidance={np.round(r['guidance'], 1).tolist()} "
+                f"{what}: {ms:7.1f} ms"
             )
     return outputs
 
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             r["image"],
             jax.random.key(0),
             *(np.int32(1),) * 2,
-            *(np.float32(1),) * 2,
+            r["guidance"],
+            np.float32(1),
         )
         with open(args.export, "wb") as f:
             f.write(export_generate(generate, example))

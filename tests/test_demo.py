@@ -33,6 +33,8 @@ TINY += [
     "2",
     "--per-digit",
     "2",
+    "--guidance-methods",
+    "cfg,cfg_pp,window",
 ]
 TINY_SETTINGS = TrainSettings(channels=(4,), train_steps=2, batch_size=4)
 
@@ -80,6 +82,13 @@ def test_demo_writes_files_and_tables(demo_runs):
         assert set(row) == {"0", "0.7"}
         assert all(0 <= c["accuracy"] <= 1 and 0 <= c["out_of_range"] <= 1 for c in row.values())
     assert read_png(out / results["files"]["guidance"]).shape == (2 * 33 + 1, 21 * 33 + 1)
+    methods = results["guidance_methods"]
+    assert set(methods["cells"]) == {"cfg", "cfg_pp", "window"} and methods["scales"] == [5.0]
+    cfg_cell, table_cell = methods["cells"]["cfg"]["5"], guidance["cells"]["5"]["0"]  # the same samples
+    assert cfg_cell == pytest.approx(table_cell, rel=1e-4, abs=1e-6)
+    assert (out / methods["figure"]).stat().st_size > 0 and "Guidance methods" in (
+        out / "results.md"
+    ).read_text()
     assert read_png(out / results["files"]["brightness"]).shape == (4 * 33 + 1, 8 * 33 + 1)
     markdown = (out / "results.md").read_text()
     assert "Table 1" in markdown and "Table 2" in markdown and "| 1 |" in markdown
@@ -118,6 +127,7 @@ def test_demo_cache_reused_and_reproducible(demo_runs):
         (["--seed", "-1"], "--seed"),
         (["--parts", "ddim,brightness"], "--parts"),
         (["--guidance-rescales", "1.5"], "--guidance-rescales"),
+        (["--guidance-methods", "cfg,nope"], "--guidance-methods"),
         (["--schedule-steps", "0"], "--schedule-steps"),
         (["--per-digit", "0"], "--per-digit"),
     ],

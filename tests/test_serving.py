@@ -44,7 +44,7 @@ def request_args(params, request):
         key,
         np.int32(request["steps"]),
         np.int32(request["start"]),
-        np.float32(request["guidance"]),
+        np.asarray(request["guidance"], np.float32),
         np.float32(request["eta"]),
     )
 

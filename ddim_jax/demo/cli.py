@@ -34,7 +34,14 @@ DEFAULT_RECON_STEPS = (10, 20, 50, 100, 1000)
 DEFAULT_ETAS = (0.0, 0.5, 1.0)
 PARTS = ("ddim", "schedule", "guidance", "inversion")
 DEFAULT_PARTS = PARTS[:3]  # inversion (about 55 s of CPU) on request: keeps the default run within its budget
-_DEMO_MODULES = {"flax": "flax", "optax": "optax", "sklearn": "scikit-learn", "tqdm": "tqdm", "PIL": "Pillow"}
+_DEMO_MODULES = {
+    "flax": "flax",
+    "optax": "optax",
+    "sklearn": "scikit-learn",
+    "tqdm": "tqdm",
+    "PIL": "Pillow",
+    "matplotlib": "matplotlib",
+}
 
 
 def _number_list(kind: type, what: str):
@@ -102,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
             "the DDIM paper's Table 1 (sample quality vs steps S and eta) and Table 2 (reconstruction "
             "error of invert-then-sample vs S); 'schedule' measures Lin et al.'s claim that only zero "
             "terminal SNR with trailing timesteps reproduces the data's spread of image brightness; "
-            "'guidance' measures classifier-free guidance scales with and without guidance rescale; "
+            "'guidance' measures classifier-free guidance scales with and without guidance rescale, and "
+            "each guidance method (CFG-Zero*, APG, tangential CFG, CFG++, a window, a schedule) beside CFG; "
             "'inversion' reconstructs and edits held-out digits (d -> (d + 5) % 10) with DDIM inversion, "
             "EDICT and BDIA (not in the default run: --parts ddim,schedule,guidance,inversion for all four). "
             "Writes PNG grids, results.md and results.json. Defaults take a few minutes on a 2-core CPU."
@@ -154,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     guide.add_argument("--guidance-rescales", type=_float_list, default=(0.0, 0.7), help="rescale values phi")
     guide.add_argument("--guidance-steps", type=int, default=25, help="sampling steps S (trailing spacing)")
     guide.add_argument("--per-digit", type=int, default=20, help="samples per digit per cell")
+    guide.add_argument(
+        "--guidance-methods",
+        type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
+        default=None,
+        help="the guidance methods measured beside CFG at w > 1 (keys of ddim_jax.demo.guiders.GUIDERS; "
+        "default: all)",
+    )
     inv = demo.add_argument_group(
         "part 'inversion': DDIM inversion, EDICT and BDIA (v-prediction model, trailing spacing)"
     )
@@ -226,6 +241,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--inversion-guidance values must be in [0, 100], got {args.inversion_guidance}")
     if any(not 0.0 <= phi <= 1.0 for phi in args.guidance_rescales):
         raise ValueError(f"--guidance-rescales values must be in [0, 1], got {args.guidance_rescales}")
+    if args.guidance_methods is not None:
+        from ddim_jax.demo.guiders import GUIDERS
+
+        unknown = [m for m in args.guidance_methods if m not in GUIDERS]
+        if unknown or not args.guidance_methods:
+            raise ValueError(f"--guidance-methods must be from {','.join(GUIDERS)}, got {unknown or 'none'}")
     for eta in args.etas:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"--etas values must be in [0, 1], got {eta}")
@@ -281,6 +302,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from ddim_jax.demo.data import load_digits_split, to_unit_range, vary_brightness
     from ddim_jax.demo.experiments import Sampler, quality_table, reconstruction_table, tables_markdown
     from ddim_jax.demo.fixes import brightness_table, fixes_markdown, guidance_grid_images, guidance_table
+    from ddim_jax.demo.guiders import GUIDERS, guiders_figure, guiders_markdown, guiders_table
     from ddim_jax.demo.inversion import METHODS, run_inversion_part
     from ddim_jax.demo.metrics import default_feature_net
     from ddim_jax.demo.png import image_grid, write_png
@@ -397,6 +419,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         ncols = 11 * len(args.guidance_rescales) - 1
         save_grid("guidance", "guidance_grid.png", grid, ncols=ncols)
     markdown.append(fixes_markdown(results.get("brightness"), results.get("guidance")))
+    if "guidance" in parts:  # each guidance method beside CFG, at the scales w > 1
+        scales = [w for w in args.guidance_scales if w > 1]
+        methods, _ = guiders_table(
+            guided, features, x_reference, scales=scales, num_steps=args.guidance_steps,
+            per_digit=args.per_digit, seed=args.seed, methods=args.guidance_methods or tuple(GUIDERS),
+        )  # fmt: skip
+        clock.lap("guidance_methods")
+        results["guidance_methods"] = dict(methods, figure="guidance_methods.png")
+        guiders_figure(methods, out / "guidance_methods.png")
+        markdown.append(guiders_markdown(methods))
     if "inversion" in parts:
         n = min(args.inversion_digits, len(x_held_out))
         results["inversion"], inversion_files, text = run_inversion_part(
