@@ -33,6 +33,7 @@ SUITES = (
     "unet_e2e",
     "dynamic_steps",
     "parallel_sampling",
+    "checks_cost",
 )
 
 

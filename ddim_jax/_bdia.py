@@ -25,8 +25,12 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
+    check_latents,
+    check_sample_prediction_start,
+    check_static_bools,
     compute_dtype,
     latent_pair,
+    nan_unless,
 )
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
@@ -86,12 +90,13 @@ def _steps(config: DDIMConfig, t: jax.Array, source: Alphas, to: Alphas, far: Al
 
 def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, options):
     """`check_exact_inversion_loop` and gamma; ``options`` are ``(callback, callback_every, remat,
-    unroll)``. Returns ``(runtime, start, unroll)``."""
+    unroll)``. Returns ``((runtime, start, unroll), valid)``, valid False for a traced gamma out
+    of range."""
     callback, every, remat, unroll = options
     checked = check_exact_inversion_loop(fn, state, x, start_step, callback, every, remat, unroll)
-    check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
+    valid = check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
     model.check()
-    return checked
+    return checked, valid
 
 
 def _run(model, state, carry, steps: _Step, schedule, reverse, skip, return_trajectory, options):
@@ -184,11 +189,12 @@ def bdia_sample(
       >>> bool(jnp.allclose(bdia_sample(model_fn, state, latents), x0, rtol=1e-5, atol=1e-5))
       True
     """
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, BDIALatents._fields)
     x = latents if pair is None else pair[0]
     options = (callback, callback_every, remat, unroll)
-    schedule = _check("bdia_sample", model, state, x, gamma, start_step, options)
+    schedule, valid = _check("bdia_sample", model, state, x, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x)
     # Step k starts at timesteps[k] (model call) and goes to prev_timesteps[k]; the far level is
     # the previous step's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
@@ -205,7 +211,7 @@ def bdia_sample(
         g = jnp.full(timesteps.shape, gamma)
     steps = _steps(config, timesteps, alpha(timesteps), alpha(state.prev_timesteps), alpha(far_steps), g)
     final, trajectory = _run(model, state, carry, steps, schedule, False, skip, return_trajectory, options)
-    return (final[1], trajectory) if return_trajectory else final[1]
+    return nan_unless(valid, (final[1], trajectory) if return_trajectory else final[1])
 
 
 def bdia_invert(
@@ -259,9 +265,12 @@ def bdia_invert(
       >>> latents.x.shape, latents.x_next.shape
       ((1, 3), (1, 3))
     """
+    check_latents("x0", x0, "bdia_invert")
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
+    check_sample_prediction_start(state.config, "bdia_invert")
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     options = (callback, callback_every, remat, unroll)
-    schedule = _check("bdia_invert", model, state, x0, gamma, start_step, options)
+    schedule, valid = _check("bdia_invert", model, state, x0, gamma, start_step, options)
     config, dtype = state.config, compute_dtype(x0)
     # Entry k of the tables, visited from S - 1 down to start_step: the first step (k = S - 1) is
     # DDIM inversion to timesteps[S - 1] from x0 (the initial alpha, as `invert`); an entry k < S - 1
@@ -279,4 +288,4 @@ def bdia_invert(
     x0 = jnp.asarray(x0, dtype)
     final, trajectory = _run(model, state, (x0, x0), steps, schedule, True, 0, return_trajectory, options)
     latents = BDIALatents(final[1], final[0])
-    return (latents, trajectory) if return_trajectory else latents
+    return nan_unless(valid, (latents, trajectory) if return_trajectory else latents)

@@ -1,9 +1,12 @@
-"""Input checks shared by the public functions: Python-time errors that name the parameter."""
+"""Input checks shared by the public functions: Python-time errors that name the parameter.
+
+The checks on plain values live one level down, in `ddim_jax._values` (re-exported here);
+this module adds the ones that know the scheduler state, the noise keys and the timesteps.
+"""
 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import jax
@@ -11,45 +14,57 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._noise import key_batch_shape
-from ddim_jax._state import DDIMState
+from ddim_jax._padded import schedule_is_valid
+from ddim_jax._state import DDIMState, check_state
+from ddim_jax._values import (
+    Interval,
+    as_int32,
+    check_fraction,
+    check_in,
+    check_positive_int,
+    check_same_shape,
+    check_static_bools,
+    compute_dtype,
+    is_int_scalar,
+    is_traced,
+    nan_unless,
+    shown,
+)
 
-
-def is_traced(x: Any) -> bool:
-    """True when ``x`` has no concrete value at trace time (inside jit, grad, vmap, scan)."""
-    return isinstance(x, jax.core.Tracer)
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` for an error message; a tracer's dtype and shape, not its repr."""
-    if is_traced(value):
-        return f"a traced {value.dtype}{list(jnp.shape(value))}"
-    return repr(value)
-
-
-def is_int_scalar(value: Any) -> bool:
-    """A Python int (not bool) or an integer array of shape ``()``, traced or not."""
-    if isinstance(value, bool):
-        return False
-    dtype = getattr(value, "dtype", None)
-    return isinstance(value, int) or (
-        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(value) == 0
-    )
-
-
-def check_positive_int(name: str, value: Any, what: str = "") -> int:
-    """A Python int >= 1 (not a bool); ``what`` explains the parameter in the error."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = 0
-    if isinstance(value, bool) or number < 1:
-        raise ValueError(f"{name} must be an int >= 1{what}, got {value!r}")
-    return number
+__all__ = [
+    "as_int32",
+    "check_eta",
+    "check_fraction",
+    "check_in",
+    "check_invertible_config",
+    "check_key",
+    "check_latents",
+    "check_positive_int",
+    "check_ready",
+    "check_same_shape",
+    "check_sample_prediction_start",
+    "check_state",
+    "check_state_timesteps",
+    "check_static_bools",
+    "check_static_schedule",
+    "check_timestep_shape",
+    "check_timesteps",
+    "compute_dtype",
+    "ETA",
+    "eta_in_range",
+    "Interval",
+    "is_int_scalar",
+    "is_traced",
+    "latent_pair",
+    "nan_unless",
+    "per_example",
+    "shown",
+    "timestep_range",
+]
 
 
 def check_ready(state: DDIMState, fn: str) -> None:
-    if not isinstance(state, DDIMState):
-        raise TypeError(f"state must be a DDIMState, got {type(state).__name__}")
+    check_state(state)
     if state.timesteps is None:
         raise ValueError(f"{fn} needs timesteps: call set_timesteps(state, num_inference_steps) first")
 
@@ -60,13 +75,6 @@ def check_static_schedule(state: DDIMState, fn: str) -> None:
         raise ValueError(
             f"{fn} needs a static schedule, set_timesteps(state, num_inference_steps) with a Python "
             f"int; got a runtime-length one (set_timesteps(..., max_steps={state.max_steps}))"
-        )
-
-
-def check_same_shape(name: str, x: Any, ref_name: str, ref: Any) -> None:
-    if jnp.shape(x) != jnp.shape(ref):
-        raise ValueError(
-            f"Shape mismatch: {name} has shape {jnp.shape(x)}, expected {ref_name}'s {jnp.shape(ref)}"
         )
 
 
@@ -88,19 +96,36 @@ def check_timestep_shape(name: str, timesteps: Any, sample: Any) -> Any:
     )
 
 
-def check_timesteps(name: str, timesteps: Any, num_train_timesteps: int, sample: Any) -> jax.Array:
+def check_timesteps(
+    name: str, timesteps: Any, num_train_timesteps: int, sample: Any
+) -> tuple[jax.Array, bool | jax.Array]:
     """Checks a scalar, per-example ``(batch,)`` or one-element timestep (see
-    `check_timestep_shape`); range-checks concrete values."""
+    `check_timestep_shape`) and its range by `check_in`; returns ``(int32 timesteps, valid)``."""
     timesteps = check_timestep_shape(name, timesteps, sample)
     if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
         raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(timesteps)}")
-    if not is_traced(timesteps):
-        values = np.asarray(timesteps)
-        if values.size and (values.min() < 0 or values.max() >= num_train_timesteps):
-            raise ValueError(
-                f"{name} must be in [0, num_train_timesteps={num_train_timesteps}), got {values.tolist()}"
-            )
-    return jnp.asarray(timesteps, dtype=jnp.int32)
+    valid = check_in(name, timesteps, timestep_range(num_train_timesteps))
+    return as_int32(timesteps), valid
+
+
+def timestep_range(num_train_timesteps: int) -> Interval:
+    return Interval(0, num_train_timesteps, high_open=True, high_name="num_train_timesteps")
+
+
+def check_state_timesteps(state: DDIMState, timesteps: jax.Array) -> bool | jax.Array:
+    """For `step` and `inverse_step`, the schedule-dependent half of the timestep rule: with
+    ``prev_timestep_rule="schedule"`` a timestep must be in ``state.timesteps`` (known values
+    are checked where the previous timestep is looked up), and a traced runtime-length
+    schedule must be valid (`schedule_is_valid`; known ones were checked by `set_timesteps`).
+    Returns True or a traced verdict for `nan_unless`."""
+    valid = True
+    traced = is_traced(timesteps) or is_traced(state.timesteps)
+    if state.config.prev_timestep_rule == "schedule" and traced:
+        valid = jnp.all(jnp.any(jnp.expand_dims(timesteps, -1) == state.timesteps, axis=-1))
+    if state.has_runtime_length and (is_traced(state.num_steps) or is_traced(state.timesteps)):
+        num_train = state.config.num_train_timesteps
+        valid = valid & schedule_is_valid(state.timesteps, state.num_steps, 0, num_train)
+    return valid
 
 
 def check_key(key: Any, batch_shape: tuple[int, ...]) -> None:
@@ -123,6 +148,15 @@ def check_key(key: Any, batch_shape: tuple[int, ...]) -> None:
         raise ValueError(f"key holds {keys_shape[0]} keys: one key per example needs {expected}")
 
 
+ETA = Interval(0, 1)
+ETA_REASON = " (DDIM's eta: 0 deterministic, 1 the DDPM posterior variance)"
+
+
+def eta_in_range(eta: Any) -> bool | jax.Array:
+    """`check_in` for eta: raises for a known eta outside [0, 1], returns the traced verdict."""
+    return check_in("eta", eta, ETA, ETA_REASON)
+
+
 def check_eta(eta: Any, key: Any, variance_noise: Any, batch_shape: tuple[int, ...]) -> bool:
     """Validates eta against the noise sources; returns whether noise is added at all."""
     check_key(key, batch_shape)
@@ -138,17 +172,10 @@ def check_eta(eta: Any, key: Any, variance_noise: Any, batch_shape: tuple[int, .
             )
         return True
     value = float(eta)
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {value}")
+    eta_in_range(value)
     if value > 0 and key is None and variance_noise is None:
         raise ValueError(f"eta={value} > 0 needs a noise source: pass key or variance_noise")
     return value > 0
-
-
-def compute_dtype(*arrays: Any) -> jnp.dtype:
-    """float32, or float64 when an input is float64 (with x64 enabled)."""
-    dtype = jnp.result_type(*arrays)
-    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def per_example(values: jax.Array, ndim: int) -> jax.Array:
@@ -165,23 +192,49 @@ def check_invertible_config(config: Any, fn: str) -> None:
         )
 
 
-def check_fraction(name: str, value: Any, *, allow_zero: bool) -> None:
-    """A scalar in (0, 1] (or [0, 1]); a traced value is checked for shape only."""
-    if jnp.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    if is_traced(value):
-        return
-    low = 0.0 if allow_zero else np.nextafter(0.0, 1.0)
-    number = float(value)
-    if not low <= number <= 1.0:
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must be in {interval}, got {number}")
+def check_sample_prediction_start(config: Any, fn: str) -> None:
+    """An inversion's first step starts from the final alpha; with an x0 prediction and
+    ``set_alpha_to_one`` that is alpha_cumprod = 1, where the implied noise divides by zero."""
+    if config.prediction_type == "sample" and config.set_alpha_to_one:
+        raise ValueError(
+            f"{fn} with prediction_type='sample' needs set_alpha_to_one=False: the first inversion "
+            "step starts from alpha_cumprod = 1 (no noise), where the noise implied by an x0 "
+            "prediction, (x - sqrt(a) x0) / sqrt(1 - a), divides by zero (diffusers' "
+            "DDIMInverseScheduler returns inf or NaN there)"
+        )
+
+
+def check_latents(name: str, latents: Any, fn: str) -> None:
+    """One latents array: a coupled pair (`EDICTLatents`, `BDIALatents`) or a Python sequence
+    gets a TypeError that says what to pass instead."""
+    if hasattr(latents, "_fields"):  # EDICTLatents, BDIALatents
+        kind = type(latents).__name__
+        raise TypeError(
+            f"{fn} takes {name} as one array, got a {kind} pair: "
+            f"{kind} come from and go to {_PAIR_LOOPS.get(kind, 'its own loop')}"
+        )
+    if isinstance(latents, (list, tuple, range)):
+        raise TypeError(
+            f"{fn} takes {name} as one array (batch first), got a Python {type(latents).__name__}: "
+            "stack the examples first, e.g. jnp.stack(examples)"
+        )
+
+
+_PAIR_LOOPS = {"EDICTLatents": "edict_invert / edict_sample", "BDIALatents": "bdia_invert / bdia_sample"}
 
 
 def latent_pair(latents: Any, names: tuple[str, str]) -> tuple[Any, Any] | None:
-    """The two arrays of a coupled-latents pair (any 2-sequence), or None for a single array."""
+    """The two arrays of a coupled-latents pair (a 2-sequence, or the loop's own NamedTuple),
+    or None for a single array; another loop's pair gets a TypeError."""
     if not isinstance(latents, (tuple, list)):
         return None
+    fields = getattr(latents, "_fields", names)
+    if tuple(fields) != tuple(names):
+        expected = "EDICTLatents" if tuple(names) == ("x", "y") else "BDIALatents"
+        raise TypeError(
+            f"latents must be one array or {expected}{tuple(names)}, got a {type(latents).__name__}: "
+            f"it comes from {_PAIR_LOOPS.get(type(latents).__name__, 'another loop')}, whose steps differ"
+        )
     if len(latents) != 2:
         raise ValueError(f"latents must be one array or a pair {names}, got a sequence of {len(latents)}")
     check_same_shape(f"latents.{names[1]}", latents[1], f"latents.{names[0]}", latents[0])

@@ -18,6 +18,9 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREV_TIMESTEP_RULES = ("diffusers", "schedule")
 CONFIG_FILE = "scheduler_config.json"
+# Timesteps up to 2**24 are exact in float32 (models often take t as a float); the schedule
+# tables of a larger T take gigabytes (`_table_memory`), and 2**31 exhausts a machine.
+MAX_TRAIN_TIMESTEPS = 2**24
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -48,6 +51,26 @@ def find_config_file(path: str | os.PathLike[str], subfolder: str | None = None)
     raise FileNotFoundError(f"no such file or folder: {full!r}")
 
 
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in a ``scheduler_config.json``; malformed JSON, a binary file or another
+    JSON value get a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"malformed JSON in scheduler config {os.fspath(path)!r}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"scheduler config {os.fspath(path)!r} is not a UTF-8 text file (a JSON "
+            f"scheduler_config.json is expected; is it a weights or other binary file?): {err}"
+        ) from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"scheduler config {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -56,6 +79,23 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _table_memory(num_train_timesteps: int) -> str:
+    """What `create_state` allocates for T timesteps, at least: five float64 arrays of T on the
+    host while building the tables, two float32 ones kept."""
+    gib = num_train_timesteps * (5 * 8 + 2 * 4) / 2**30
+    return f"{gib:.3g} GiB" if gib >= 0.1 else f"{gib * 2**10:.3g} MiB"
+
+
+def _check_num_train_timesteps(value: Any) -> None:
+    _check_int("num_train_timesteps", value, 2)
+    if value > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"num_train_timesteps must be an int in [2, 2**24 = {MAX_TRAIN_TIMESTEPS}], got {value}: "
+            f"its schedule tables would take at least {_table_memory(value)} of memory, and "
+            "timesteps past 2**24 are not exact in float32"
+        )
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -127,7 +167,7 @@ class DDIMConfig:
     prev_timestep_rule: Literal["diffusers", "schedule"] = "diffusers"
 
     def __post_init__(self) -> None:
-        _check_int("num_train_timesteps", self.num_train_timesteps, 2)
+        _check_num_train_timesteps(self.num_train_timesteps)
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
@@ -196,15 +236,7 @@ class DDIMConfig:
           >>> DDIMConfig.from_json(path).timestep_spacing
           'trailing'
         """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"malformed JSON in scheduler config {os.fspath(path)!r}: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"scheduler config {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}"
-            )
+        data = read_config_file(path)
         return cls.from_dict(data)
 
     @classmethod

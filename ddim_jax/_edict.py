@@ -27,8 +27,12 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
+    check_latents,
+    check_sample_prediction_start,
+    check_static_bools,
     compute_dtype,
     latent_pair,
+    nan_unless,
 )
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
@@ -97,6 +101,7 @@ class _Loop(NamedTuple):
     start: int | jax.Array
     remat: bool
     unroll: int
+    valid: bool | jax.Array  # False for a traced mixing out of range: all-NaN outputs
 
 
 def _setup(
@@ -114,7 +119,7 @@ def _setup(
     runtime, start, unroll = check_exact_inversion_loop(
         fn, state, x, start_step, callback, every, remat, unroll
     )
-    check_fraction("mixing", mixing, allow_zero=False)
+    valid = check_fraction("mixing", mixing, allow_zero=False)
     model.check()
     dtype = compute_dtype(x)
     alpha_t = alpha_at(state, state.timesteps).astype(dtype)
@@ -123,7 +128,7 @@ def _setup(
     coefs = step_coefficients(state.config, alpha_t, alpha_prev, 0.0, add_noise=False)
     a, b = affine_step(state.config, coefs)
     tables = (state.timesteps, coefs, a, b)
-    return _Loop(model, tables, jnp.asarray(mixing, dtype), dtype, runtime, start, remat, unroll)
+    return _Loop(model, tables, jnp.asarray(mixing, dtype), dtype, runtime, start, remat, unroll, valid)
 
 
 def _run(loop: _Loop, update, carry, state: DDIMState, reverse: bool, return_trajectory, callback, every):
@@ -201,6 +206,7 @@ def edict_sample(
       >>> bool(jnp.allclose(edict_sample(model_fn, state, noise), x0, rtol=1e-5, atol=1e-5))
       True
     """
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     pair = latent_pair(latents, EDICTLatents._fields)
     x = latents if pair is None else pair[0]
@@ -224,7 +230,7 @@ def edict_sample(
     final, trajectory = _run(
         loop, update, EDICTLatents(x, y), state, False, return_trajectory, callback, callback_every
     )
-    return (final.x, trajectory) if return_trajectory else final.x
+    return nan_unless(loop.valid, (final.x, trajectory) if return_trajectory else final.x)
 
 
 def edict_invert(
@@ -277,6 +283,9 @@ def edict_invert(
       >>> latents.x.shape, latents.y.shape
       ((1, 3), (1, 3))
     """
+    check_latents("x0", x0, "edict_invert")
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
+    check_sample_prediction_start(state.config, "edict_invert")
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     loop = _setup(
         "edict_invert", model, state, x0, mixing, start_step, callback, callback_every, remat, unroll
@@ -297,4 +306,4 @@ def edict_invert(
     final, trajectory = _run(
         loop, update, EDICTLatents(x0, x0), state, True, return_trajectory, callback, callback_every
     )
-    return (final, trajectory) if return_trajectory else final
+    return nan_unless(loop.valid, (final, trajectory) if return_trajectory else final)

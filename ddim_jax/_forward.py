@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 
 from ddim_jax._checks import (
+    check_in,
     check_same_shape,
+    check_state,
     check_timestep_shape,
     check_timesteps,
     compute_dtype,
+    nan_unless,
     per_example,
+    timestep_range,
 )
 from ddim_jax._state import DDIMState
 
@@ -20,11 +24,13 @@ __all__ = ["add_noise", "get_velocity", "scale_model_input"]
 def _signal_and_noise_scales(
     state: DDIMState, timesteps: jax.Array, like: jax.Array, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array]:
-    t = check_timesteps("timesteps", timesteps, state.config.num_train_timesteps, like)
+    check_state(state)
+    t, valid = check_timesteps("timesteps", timesteps, state.config.num_train_timesteps, like)
     ndim = jnp.ndim(like)
     alpha = per_example(state.alphas_cumprod[t], ndim).astype(dtype)
     one_minus = per_example(state.one_minus_alphas_cumprod[t], ndim).astype(dtype)
-    return jnp.sqrt(alpha), jnp.sqrt(one_minus)
+    # a traced timestep out of range: NaN scales, so NaN outputs (indexing would clamp it)
+    return nan_unless(valid, (jnp.sqrt(alpha), jnp.sqrt(one_minus)))
 
 
 def add_noise(
@@ -78,8 +84,9 @@ def scale_model_input(
 ) -> jax.Array:
     """DDIM needs no input scaling: returns ``sample`` unchanged (for API parity with diffusers).
 
-    ``timestep`` is not used; when given, its shape is checked as `step` checks it (any
-    number type, as diffusers passes ``0.0`` here).
+    ``timestep`` is not used; when given, it is checked as `step` checks it, shape and range
+    (any number type, as diffusers passes ``0.0`` here): a traced one outside [0, T) makes the
+    result NaN, as everywhere.
 
     Example:
       >>> import jax.numpy as jnp
@@ -87,6 +94,9 @@ def scale_model_input(
       >>> scale_model_input(create_state(DDIMConfig()), jnp.ones(2)).tolist()
       [1.0, 1.0]
     """
-    if timestep is not None:
-        check_timestep_shape("timestep", timestep, sample)
-    return sample
+    check_state(state)
+    if timestep is None:
+        return sample
+    timestep = check_timestep_shape("timestep", timestep, sample)
+    valid = check_in("timestep", timestep, timestep_range(state.config.num_train_timesteps))
+    return nan_unless(valid, sample)

@@ -17,7 +17,8 @@ def slerp(x0: jax.Array, x1: jax.Array, alpha: float | jax.Array) -> jax.Array:
     interpolation when the latents are (nearly) parallel or anti-parallel, or one is zero.
 
     Args:
-      x0, x1: latents of the same shape.
+      x0: a latent.
+      x1: a latent of ``x0``'s shape.
       alpha: a scalar, or a 1-D array of n weights giving n interpolants.
 
     Returns:

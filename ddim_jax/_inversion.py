@@ -7,7 +7,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_ready, check_same_shape, check_timesteps, compute_dtype, is_traced
+from ddim_jax._checks import (
+    check_latents,
+    check_ready,
+    check_same_shape,
+    check_sample_prediction_start,
+    check_state_timesteps,
+    check_static_bools,
+    check_timesteps,
+    compute_dtype,
+    is_traced,
+    nan_unless,
+)
 from ddim_jax._config import DDIMConfig
 from ddim_jax._loop import (
     ModelCall,
@@ -44,16 +55,6 @@ def _inverse_update(
     return ddim_update(config, coef, model_output, sample, noise=None, allow_thresholding=False)
 
 
-def _check_invertible(config: DDIMConfig, fn: str) -> None:
-    if config.prediction_type == "sample" and config.set_alpha_to_one:
-        raise ValueError(
-            f"{fn} with prediction_type='sample' needs set_alpha_to_one=False: the first inversion "
-            "step starts from alpha_cumprod = 1 (no noise), where the noise implied by an x0 "
-            "prediction, (x - sqrt(a) x0) / sqrt(1 - a), divides by zero (diffusers' "
-            "DDIMInverseScheduler returns inf or NaN there)"
-        )
-
-
 def _source_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
     """The noise level an inversion step to ``timesteps`` starts from (-1: the initial alpha)."""
     return jnp.minimum(prev_timestep(state, timesteps), state.config.num_train_timesteps - 1)
@@ -79,15 +80,21 @@ def inverse_step(
     """
     check_ready(state, "inverse_step")
     check_same_shape("model_output", model_output, "sample", sample)
-    t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
+    t, valid = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
+    valid = valid & check_state_timesteps(state, t)
     source = _source_timestep(state, t)
-    if not is_traced(source) and bool((source < 0).any()):
-        _check_invertible(state.config, "inverse_step from the schedule's first timestep")
+    config = state.config
+    if config.prediction_type == "sample" and config.set_alpha_to_one:
+        if is_traced(source):
+            valid = valid & jnp.all(source >= 0)  # NaN, not inf
+        elif bool((source < 0).any()):
+            check_sample_prediction_start(config, "inverse_step from the schedule's first timestep")
     dtype = compute_dtype(model_output, sample)
     alpha_t = alpha_at(state, source).astype(dtype)
     alpha_next = alpha_at(state, t).astype(dtype)
     coef = _inverse_coefficients(state.config, alpha_t, alpha_next).per_example(jnp.ndim(sample))
-    return _inverse_update(state.config, coef, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype))
+    out = _inverse_update(state.config, coef, jnp.asarray(model_output, dtype), jnp.asarray(sample, dtype))
+    return nan_unless(valid, out)
 
 
 def invert(
@@ -128,12 +135,14 @@ def invert(
       True
     """
     check_ready(state, "invert")
+    check_latents("x0", x0, "invert")
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
     check_loop_options(x0, callback, callback_every)
     runtime, start, unroll = check_schedule_options("invert", state, start_step, remat, unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     config = state.config
-    _check_invertible(config, "invert")
+    check_sample_prediction_start(config, "invert")
     dtype = compute_dtype(x0)
     # runtime: all M entries in schedule order, visited from S - 1 down to start
     timesteps = state.timesteps if runtime else state.timesteps[start:][::-1]

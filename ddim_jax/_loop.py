@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._checks import (
+    as_int32,
     check_invertible_config,
     check_positive_int,
     check_ready,
@@ -162,7 +163,7 @@ def check_runtime_start_step(start_step: Any, num_inference_steps: int | jax.Arr
         s = "S" if is_traced(num_inference_steps) else int(num_inference_steps)
         expected = f"an int in [0, num_inference_steps={s})"
         raise ValueError(f"start_step must be {expected}, got {shown(start_step)}")
-    return jnp.asarray(start_step, jnp.int32)
+    return as_int32(start_step)  # saturating: an int64 out of range stays out (schedule_is_valid)
 
 
 def check_unroll(unroll: Any) -> int:

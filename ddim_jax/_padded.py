@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._config import DDIMConfig
+from ddim_jax._schedule import inference_timesteps
 
 __all__ = ["padded_schedule", "padded_prev_timesteps", "schedule_is_valid"]
 
@@ -49,8 +50,6 @@ def _spaced(config: DDIMConfig, s, index):
 def _float64_corrections(config: DDIMConfig, max_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(S, index, delta) of every entry where the static (numpy float64) schedule differs from
     `_spaced`, for S in [1, max_steps]: a few hundred entries at T = 1000, computed once."""
-    from ddim_jax._state import inference_timesteps  # (circular import at module level)
-
     steps, indices, deltas = [], [], []
     for s in range(1, max_steps + 1):
         index = np.arange(s)

@@ -10,13 +10,24 @@ iteration reaches `sample`'s trajectory (its fixed point) to float32 round-off.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ddim_jax._checks import check_eta, check_positive_int, check_ready, compute_dtype, is_traced
+from ddim_jax._checks import (
+    Interval,
+    check_eta,
+    check_in,
+    check_latents,
+    check_positive_int,
+    check_ready,
+    check_static_bools,
+    compute_dtype,
+    eta_in_range,
+    nan_unless,
+)
 from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_runtime_key, check_schedule_options
 from ddim_jax._noise import normal_noise, step_keys
 from ddim_jax._padded import schedule_is_valid
@@ -63,23 +74,18 @@ class _Carry(NamedTuple):
     residuals: jax.Array  # (S' + window,): see ParallelResult.residuals
 
 
-def _check_tolerance(tolerance: Any) -> None:
+def _check_tolerance(tolerance: Any) -> bool | jax.Array:
     if jnp.ndim(tolerance) != 0:
         raise ValueError(f"tolerance must be a scalar, got shape {jnp.shape(tolerance)}")
-    if not is_traced(tolerance):
-        value = float(tolerance)
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"tolerance must be a finite number >= 0, got {value}")
+    return check_in("tolerance", tolerance, Interval(0, math.inf, high_open=True))
 
 
-def _check_max_iterations(max_iterations: Any, default: int) -> Any:
+def _check_max_iterations(max_iterations: Any, default: Any) -> tuple[Any, bool | jax.Array]:
     if max_iterations is None:
-        return default
+        return default, True
     if jnp.ndim(max_iterations) != 0 or not jnp.issubdtype(jnp.result_type(max_iterations), jnp.integer):
         raise TypeError(f"max_iterations must be an int scalar, got {max_iterations!r}")
-    if not is_traced(max_iterations) and int(max_iterations) < 1:
-        raise ValueError(f"max_iterations must be an int >= 1, got {int(max_iterations)}")
-    return max_iterations
+    return max_iterations, check_in("max_iterations", max_iterations, Interval(1, math.inf, high_open=True))
 
 
 def parallel_sample(
@@ -165,7 +171,11 @@ def parallel_sample(
       (True, 1)
     """
     check_ready(state, "parallel_sample")
+    check_latents("latents", latents, "parallel_sample")
+    check_static_bools(use_clipped_model_output=use_clipped_model_output)
     check_loop_options(latents, None, 1)
+    if jnp.shape(latents)[0] == 0:
+        raise ValueError(f"parallel_sample needs at least one example, got latents of shape {latents.shape}")
     runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
@@ -180,8 +190,10 @@ def parallel_sample(
     else:
         valid, num_steps = True, schedule_steps - start
         p = min(window, num_steps)
-    _check_tolerance(tolerance)
-    max_iterations = _check_max_iterations(max_iterations, num_steps)
+    # Traced and invalid: NaN outputs and converged=False.
+    values_valid = eta_in_range(eta) & _check_tolerance(tolerance)
+    max_iterations, iterations_valid = _check_max_iterations(max_iterations, num_steps)
+    values_valid = values_valid & iterations_valid
     if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):
         raise TypeError(
             f"window_sharding must be a jax.sharding.Sharding or None, got {type(window_sharding).__name__}"
@@ -268,4 +280,5 @@ def parallel_sample(
     guess_of_last = end.guess[jnp.clip(num_steps - end.begin - 1, 0, p - 1)]
     final = jnp.where(valid, jnp.where(converged, end.x_start, guess_of_last), jnp.nan)
     residuals = jnp.where(jnp.arange(rows) < num_steps, end.residuals[:rows], jnp.nan)
-    return ParallelResult(final, end.iteration, converged, residuals)
+    result = ParallelResult(final, end.iteration, converged & values_valid, residuals)
+    return nan_unless(values_valid, result)

@@ -7,7 +7,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import check_eta, check_ready, compute_dtype
+from ddim_jax._checks import (
+    check_eta,
+    check_latents,
+    check_ready,
+    check_static_bools,
+    compute_dtype,
+    eta_in_range,
+    nan_unless,
+)
 from ddim_jax._loop import (
     ModelCall,
     ModelFn,
@@ -72,7 +80,8 @@ def sample(
         list of generators): example b's noise then comes from ``key[b]`` alone, so a sample
         does not depend on the batch it is in nor, inside ``shard_map``/``pmap``, on the
         device count.
-      eta: DDIM's eta; a float or a traced scalar (traced needs ``key``).
+      eta: DDIM's eta in [0, 1]; a float or a traced scalar (traced needs ``key``; a traced
+        eta outside [0, 1] gives an all-NaN output).
       model_args: extra positional arguments of ``model_fn`` (params, conditioning).
       guidance_scale: classifier-free guidance weight w, or None for no guidance.
       guidance_rescale: guidance rescale phi (diffusers ``guidance_rescale``).
@@ -145,11 +154,16 @@ def sample(
       1
     """
     check_ready(state, "sample")
+    check_latents("latents", latents, "sample")
+    check_static_bools(
+        return_trajectory=return_trajectory, remat=remat, use_clipped_model_output=use_clipped_model_output
+    )
     check_loop_options(latents, callback, callback_every)
     runtime, start, unroll = check_schedule_options("sample", state, start_step, remat, unroll)
     model = ModelCall(model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype)
     model.check()
     add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
+    valid = eta_in_range(eta)  # traced and outside [0, 1]: all-NaN outputs
     config = state.config
     dtype = compute_dtype(latents)
     x = jnp.asarray(latents, dtype)
@@ -174,7 +188,7 @@ def sample(
             config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
         )
 
-    return run_steps(
+    result = run_steps(
         update,
         x,
         (timesteps, coefs, keys),
@@ -188,3 +202,4 @@ def sample(
         remat=remat,
         unroll=unroll,
     )
+    return nan_unless(valid, result)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -14,8 +14,10 @@ import numpy as np
 
 from ddim_jax import _padded
 from ddim_jax._config import DDIMConfig
+from ddim_jax._schedule import betas_for_config, inference_timesteps
+from ddim_jax._values import as_int32, is_int_scalar, shown
 
-__all__ = ["DDIMState", "create_state", "set_timesteps", "betas_for_config"]
+__all__ = ["DDIMState", "create_state", "set_timesteps"]
 
 
 @jax.tree_util.register_dataclass
@@ -80,42 +82,27 @@ class DDIMState:
         return self.num_steps is not None
 
 
-def _alpha_bar_cosine(t: float) -> float:
-    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+def check_state(state: object) -> None:
+    """A TypeError, not an AttributeError, for anything but a `DDIMState` (e.g. its config)."""
+    if not isinstance(state, DDIMState):
+        fix = ": make one with create_state(config)" if isinstance(state, DDIMConfig) else ""
+        raise TypeError(f"state must be a DDIMState, got {type(state).__name__}{fix}")
 
 
-def betas_for_config(config: DDIMConfig) -> np.ndarray:
-    """The config's betas as a float64 numpy array of length T (zero-SNR rescale applied).
-
-    Example:
-      >>> from ddim_jax import DDIMConfig, betas_for_config
-      >>> betas_for_config(DDIMConfig()).shape
-      (1000,)
-    """
-    n = config.num_train_timesteps
-    if config.trained_betas is not None:
-        betas = np.asarray(config.trained_betas, dtype=np.float64)
-    elif config.beta_schedule == "linear":
-        betas = np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64)
-    elif config.beta_schedule == "scaled_linear":
-        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=np.float64) ** 2
-    else:  # squaredcos_cap_v2
-        betas = np.array(
-            [min(1 - _alpha_bar_cosine((i + 1) / n) / _alpha_bar_cosine(i / n), 0.999) for i in range(n)]
+def _warn_zero_alphas_cumprod(config: DDIMConfig, alphas_cumprod: np.ndarray) -> None:
+    """Warns when alphas_cumprod reach 0 in float32 before the last timestep (a zero there is a
+    zero-terminal-SNR schedule's, which `step` handles). A warning, not an error: diffusers' own
+    test suite runs beta_end = 0.2, which does this at the last 40 of 1000 timesteps."""
+    (zeros,) = np.nonzero(alphas_cumprod[:-1].astype(np.float32) == 0)
+    if zeros.size:
+        cause = "trained_betas" if config.trained_betas is not None else f"beta_end={config.beta_end}"
+        warnings.warn(
+            f"{cause} drives alphas_cumprod to 0 (in float32) at {zeros.size} of "
+            f"num_train_timesteps={config.num_train_timesteps} timesteps, from t = {zeros[0]}: "
+            "those timesteps hold no signal at all (an epsilon model's x0 there divides by zero); "
+            "lower beta_end (0.02 for linear and 0.012 for scaled_linear are usual)",
+            stacklevel=3,
         )
-    if config.rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so its last entry is 0."""
-    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
-    first, last = sqrt_ab[0], sqrt_ab[-1]
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    ab = sqrt_ab**2
-    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return 1.0 - alphas
 
 
 def create_state(config: DDIMConfig) -> DDIMState:
@@ -132,6 +119,7 @@ def create_state(config: DDIMConfig) -> DDIMState:
     if not isinstance(config, DDIMConfig):
         raise TypeError(f"config must be a DDIMConfig, got {type(config).__name__}")
     alphas_cumprod = np.cumprod(1.0 - betas_for_config(config))
+    _warn_zero_alphas_cumprod(config, alphas_cumprod)
     final = 1.0 if config.set_alpha_to_one else alphas_cumprod[0]
     return DDIMState(
         alphas_cumprod=jnp.asarray(alphas_cumprod, dtype=jnp.float32),
@@ -142,19 +130,6 @@ def create_state(config: DDIMConfig) -> DDIMState:
         prev_timesteps=None,
         config=config,
     )
-
-
-def inference_timesteps(config: DDIMConfig, num_inference_steps: int) -> np.ndarray:
-    """diffusers' descending inference timesteps for each ``timestep_spacing`` (int64 numpy)."""
-    n_train, s = config.num_train_timesteps, num_inference_steps
-    if config.timestep_spacing == "linspace":
-        return np.linspace(0, n_train - 1, s).round()[::-1].astype(np.int64)
-    if config.timestep_spacing == "leading":
-        ratio = n_train // s
-        return (np.arange(0, s) * ratio).round()[::-1].astype(np.int64) + config.steps_offset
-    # trailing: numpy's arange rounds to S + 1 entries for some S (61, 103, ... at T = 1000), the
-    # last one ~1e-13 that becomes timestep -1 (so does diffusers'); the first S are the schedule.
-    return np.round(np.arange(n_train, 0, -n_train / s)[:s]).astype(np.int64) - 1
 
 
 def _check_num_inference_steps(config: DDIMConfig, num_inference_steps: object) -> int:
@@ -185,14 +160,12 @@ def _check_max_steps(config: DDIMConfig, max_steps: object) -> int:
 
 def _runtime_count(num_steps: object, max_steps: int) -> jax.Array:
     """The step count as an int32 scalar; a Python-known value is range-checked here."""
-    from ddim_jax._checks import is_int_scalar, shown  # (_checks imports this module)
-
     known = not isinstance(num_steps, jax.core.Tracer)
     if not is_int_scalar(num_steps) or (known and not 1 <= int(num_steps) <= max_steps):
         raise ValueError(
             f"num_inference_steps must be an int in [1, max_steps={max_steps}], got {shown(num_steps)}"
         )
-    return jnp.asarray(num_steps, jnp.int32)
+    return as_int32(num_steps)
 
 
 def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
@@ -226,7 +199,7 @@ def _static_schedule(state: DDIMState, timesteps: np.ndarray) -> DDIMState:
 def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max_steps: object) -> DDIMState:
     """`set_timesteps` with user-supplied ``timesteps``: static, or padded with a count."""
     config = state.config
-    if isinstance(timesteps, (list, tuple)):
+    if isinstance(timesteps, (list, tuple, range)):
         timesteps = np.asarray(timesteps)
     if jnp.ndim(timesteps) != 1 or jnp.shape(timesteps)[0] == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {jnp.shape(timesteps)}")
@@ -244,7 +217,7 @@ def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max
     if not traced and not isinstance(count, jax.core.Tracer):
         _check_custom_timesteps(config, np.asarray(timesteps, np.int64)[: int(count)])
     index = jnp.arange(length, dtype=jnp.int32)
-    padded = jnp.where(index < count, jnp.asarray(timesteps, jnp.int32), _padded.PADDING)
+    padded = jnp.where(index < count, as_int32(timesteps), _padded.PADDING)
     prev = _padded.padded_prev_timesteps(config, padded, count)
     return dataclasses.replace(state, timesteps=padded, prev_timesteps=prev, num_steps=count)
 
@@ -289,6 +262,7 @@ def set_timesteps(
       >>> set_timesteps(state, timesteps=quadratic).timesteps.tolist()
       [960, 675, 440, 255, 120, 35, 0]
     """
+    check_state(state)
     if timesteps is not None:
         return _custom_schedule(state, timesteps, num_inference_steps, max_steps)
     config = state.config

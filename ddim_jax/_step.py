@@ -12,9 +12,13 @@ from ddim_jax._checks import (
     check_eta,
     check_ready,
     check_same_shape,
+    check_state_timesteps,
+    check_static_bools,
     check_timesteps,
     compute_dtype,
+    eta_in_range,
     is_traced,
+    nan_unless,
     per_example,
 )
 from ddim_jax._config import DDIMConfig
@@ -177,7 +181,7 @@ def prev_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
     config = state.config
     if config.prev_timestep_rule == "diffusers":
         return timesteps - config.num_train_timesteps // state.num_inference_steps
-    if not is_traced(timesteps):
+    if not is_traced(timesteps) and not is_traced(state.timesteps):  # else check_state_timesteps
         missing = np.setdiff1d(np.asarray(timesteps), np.asarray(state.timesteps))
         if missing.size:
             raise ValueError(
@@ -209,7 +213,7 @@ def step(
         of shape ``(batch,)`` giving each example its own timestep, or an array holding one
         element (shape ``(1,)``, ...), which broadcasts over the batch as in diffusers.
       sample: the current noisy sample x_t, batch first.
-      eta: DDIM's eta (0 deterministic, 1 DDPM-like); a float or a traced scalar.
+      eta: DDIM's eta in [0, 1] (0 deterministic, 1 DDPM-like); a float or a traced scalar.
       key: a ``jax.random`` key for the eta noise, or one key per example (shape ``(batch,)``,
         e.g. ``jax.random.split(key, batch)``): example b's noise then comes from ``key[b]``.
       variance_noise: the eta noise itself (shape of ``sample``), instead of ``key``.
@@ -232,8 +236,10 @@ def step(
     check_same_shape("model_output", model_output, "sample", sample)
     if variance_noise is not None:
         check_same_shape("variance_noise", variance_noise, "sample", sample)
-    t = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
+    check_static_bools(use_clipped_model_output=use_clipped_model_output)
+    t, valid = check_timesteps("timestep", timestep, state.config.num_train_timesteps, sample)
     add_noise = check_eta(eta, key, variance_noise, jnp.shape(sample)[:1])
+    valid = valid & eta_in_range(eta) & check_state_timesteps(state, t)
     dtype = compute_dtype(model_output, sample)
     alpha_t = alpha_at(state, t).astype(dtype)
     alpha_prev = alpha_at(state, prev_timestep(state, t)).astype(dtype)
@@ -245,7 +251,7 @@ def step(
             noise = normal_noise(key, jnp.shape(sample), dtype)
         else:
             noise = jnp.asarray(variance_noise, dtype)
-    return ddim_update(
+    out = ddim_update(
         state.config,
         coef,
         jnp.asarray(model_output, dtype),
@@ -253,3 +259,4 @@ def step(
         noise=noise,
         use_clipped_model_output=use_clipped_model_output,
     )
+    return nan_unless(valid, out)

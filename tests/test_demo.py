@@ -114,6 +114,8 @@ def test_demo_cache_reused_and_reproducible(demo_runs):
         (["--channels", "4,4,4,4"], "--channels"),
         (["--steps", "ten"], "--steps"),
         (["--seed", "x"], "--seed"),
+        (["--seed", str(2**64)], "--seed: expected an integer in [0, 2**32 - 1"),  # was an OverflowError
+        (["--seed", "-1"], "--seed"),
         (["--parts", "ddim,brightness"], "--parts"),
         (["--guidance-rescales", "1.5"], "--guidance-rescales"),
         (["--schedule-steps", "0"], "--schedule-steps"),

@@ -126,10 +126,12 @@ def test_shape_mismatch(ready):
 def test_bad_eta_and_noise_sources(ready):
     state, x = ready
     key = jax.random.key(0)
-    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0, got -0.5"):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\] \(DDIM's eta.*\), got -0.5"):
         step(state, x, 900, x, eta=-0.5, key=key)
-    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0, got nan"):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\].*got nan"):
         step(state, x, 900, x, eta=float("nan"), key=key)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\].*got 1.5"):  # was clamped silently
+        step(state, x, 900, x, eta=1.5, key=key)
     with pytest.raises(ValueError, match=r"eta must be a scalar"):
         step(state, x, 900, x, eta=jnp.ones(2), key=key)
     with pytest.raises(ValueError, match=r"eta=0.5 > 0 needs a noise source: pass key or variance_noise"):

@@ -15,7 +15,7 @@ import numpy as np
 
 import ddim_jax
 from ddim_jax._checks import is_traced
-from ddim_jax._config import CONFIG_FILE, find_config_file
+from ddim_jax._config import CONFIG_FILE, find_config_file, read_config_file
 
 __all__ = ["FlaxDDIMScheduler", "FlaxDDIMSchedulerOutput", "SchedulerConfig"]
 
@@ -227,11 +227,7 @@ class FlaxDDIMScheduler:
           (1, (1000,))
         """
         path = find_config_file(pretrained_model_name_or_path, subfolder)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"malformed JSON in scheduler config {path!r}: {err}") from err
+        data = read_config_file(path)
         scheduler = cls.from_config(data, **kwargs)
         return scheduler, scheduler.create_state()
 
@@ -329,7 +325,8 @@ class FlaxDDIMScheduler:
 
         Returns:
           `FlaxDDIMSchedulerOutput` ``(prev_sample, state)``; ``prev_sample`` has the dtype of
-          ``sample`` (float32 arithmetic), so a ``fori_loop`` carry keeps its type.
+          ``sample`` (float32 arithmetic), so a ``fori_loop`` carry keeps its type; float32 for
+          an integer ``sample`` (a step's result is never an integer).
 
         Example:
           >>> import jax.numpy as jnp
@@ -358,7 +355,10 @@ class FlaxDDIMScheduler:
             variance_noise=variance_noise,
             use_clipped_model_output=use_clipped_model_output,
         )
-        prev_sample = out.prev_sample.astype(jnp.result_type(sample))
+        # the sample's dtype (a fori_loop carry keeps its type), but never an integer one
+        dtype = jnp.result_type(sample)
+        floating = jnp.issubdtype(dtype, jnp.floating)
+        prev_sample = out.prev_sample.astype(dtype) if floating else out.prev_sample
         if not return_dict:
             return (prev_sample, state)
         return FlaxDDIMSchedulerOutput(prev_sample, state)

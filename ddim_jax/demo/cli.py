@@ -56,6 +56,19 @@ _int_list = _number_list(int, "integers")
 _float_list = _number_list(float, "numbers")
 
 
+MAX_SEED = 2**32 - 1  # jax.random.key overflows past int64; numpy's legacy seeds stop at 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1 = {MAX_SEED}], got {seed}")
+    return seed
+
+
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in PARTS]
@@ -106,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where trained parameters are cached, keyed by a hash of the training settings",
     )
     demo.add_argument("--no-cache", action="store_true", help="neither read nor write the parameter cache")
-    demo.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of training and sampling")
     defaults = TrainSettings()
     train = demo.add_argument_group("training (both models)")
     train.add_argument("--train-steps", type=int, default=defaults.train_steps, help="optimizer steps")
