@@ -120,12 +120,13 @@ def sample(
         runtime-length loop below, one program for every value.
 
     Runtime-length loop: with a state from ``set_timesteps(..., max_steps=M)`` (S a runtime
-    value) or a traced ``start_step``, the steps run in a ``fori_loop`` with traced bounds,
-    8 steps (a multiple of ``unroll``) per iteration in an inner ``lax.scan`` and the last
-    (S - start_step) mod 8 one per iteration of a second loop (a GPU reads a traced loop's
-    predicate on the host each iteration: this reads it an eighth as often), so
-    S - start_step model calls, results bitwise equal to the static loop's for the same S,
-    start_step and key when the static state is a jit argument too (step i still draws from
+    value) or a traced ``start_step``, the steps run in a ``fori_loop`` with traced bounds:
+    blocks of 8 steps (the smallest multiple of ``unroll`` >= 8) per iteration, an inner
+    ``lax.scan``, then the remaining steps one per iteration of a second loop (a GPU reads a
+    traced loop's predicate on the host each iteration: this reads it about an eighth as
+    often; the model is compiled twice). S - start_step model calls, results bitwise equal
+    to the static loop's for the same S, start_step and key when the static state is a jit
+    argument too (step i still draws from
     ``split(key, S)[i]``, which is ``split(key, M)[i]`` with jax's default
     ``jax_threefry_partitionable``; a static state closed over as a constant lets XLA fold
     the per-step scalars at compile time, which can move the last bit; one ``unsafe_rbg`` key

@@ -13,7 +13,6 @@ import ddim_jax
 from ddim_jax import (
     BDIALatents,
     DDIMConfig,
-    EDICTLatents,
     bdia_invert,
     bdia_sample,
     create_state,
@@ -97,7 +96,7 @@ def test_runtime_loop_equals_static_bitwise_in_one_program(name):
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("name", list(LOOPS))
+@pytest.mark.parametrize("name", [name for name in LOOPS if "key" not in name])
 def test_invalid_traced_values_give_nan(name):
     _, runtime, _ = runners(LOOPS[name])
     x = latents(2)
@@ -230,4 +229,3 @@ def test_python_known_errors_of_the_runtime_loops():
         edict_sample(
             model_fn, set_timesteps(create_state(DDIMConfig()), 8, max_steps=M), x, model_args=(0.8,)
         )
-    assert isinstance(edict_invert(model_fn, state, x, model_args=(0.8,)), EDICTLatents)
