@@ -31,14 +31,9 @@ from ddim_jax._inversion import inverse_step, invert
 from ddim_jax._loop import Trajectory
 from ddim_jax._parallel import ParallelResult, parallel_sample
 from ddim_jax._sample import sample
-<<<<<<< HEAD
 from ddim_jax._schedule import betas_for_config
 from ddim_jax._state import DDIMState, create_state, set_timesteps
-from ddim_jax._step import MIN_ALPHA_CUMPROD, StepOutput, step
-=======
-from ddim_jax._state import DDIMState, betas_for_config, create_state, set_timesteps
 from ddim_jax._step import MIN_ALPHA_CUMPROD, GuidedOutput, StepOutput, step
->>>>>>> i21
 
 __version__ = "0.1.0"
 
