@@ -148,7 +148,10 @@ def test_sampler_edit_wiring_and_no_recompile(random_conditional):
         errors[method] = float(np.abs(recon - x0).max())
         assert float(np.abs(edited - recon).max()) > 1e-2, method  # the target label changes the sample
         again, unchanged = sampler.edit(x0, 4, source, source, 3.0, method)
-        np.testing.assert_array_equal(unchanged, again)  # same labels both ways: the reconstruction
+        # Same labels both ways: the reconstruction. The two halves of one batched call sit at
+        # different batch positions, where XLA's CPU convolutions may round differently (seen:
+        # 1.5e-6 with jax 0.10), so equal to float32 round-off, far below the 1e-2 an edit moves.
+        np.testing.assert_allclose(unchanged, again, rtol=0, atol=1e-5)
     assert errors["edict"] < 1e-4 and errors["bdia"] < 1e-4, errors  # exact, to float32 round-off
     assert errors["ddim"] > 1e3 * max(errors["edict"], errors["bdia"]), errors  # DDIM inversion drifts
     before = len(experiments._PROGRAMS)
