@@ -20,7 +20,9 @@ import pytest
 diffusers = pytest.importorskip("diffusers")
 _VERSION = tuple(int(p) for p in diffusers.__version__.split(".")[:2])
 if not (0, 35) <= _VERSION < (0, 40):
-    pytest.skip(f"needs diffusers 0.35-0.39 (its Flax classes), got {diffusers.__version__}", allow_module_level=True)
+    pytest.skip(
+        f"needs diffusers 0.35-0.39 (its Flax classes), got {diffusers.__version__}", allow_module_level=True
+    )
 
 from _diffusers_ref import RTOL, check_errors, oracle_step, oracle_tables, rel_err  # noqa: E402
 from diffusers import FlaxDDIMScheduler as OldFlaxDDIMScheduler  # noqa: E402
@@ -38,7 +40,12 @@ SCHEDULES = [
 ]
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 # (set_alpha_to_one, steps_offset, clip_sample, clip_sample_range, num_inference_steps)
-VARIANTS = [(True, 0, True, 1.0, 10), (False, 1, False, 1.0, 7), (True, 1, True, 2.5, 1), (False, 0, True, 0.5, 25)]
+VARIANTS = [
+    (True, 0, True, 1.0, 10),
+    (False, 1, False, 1.0, 7),
+    (True, 1, True, 2.5, 1),
+    (False, 0, True, 0.5, 25),
+]
 
 _largest: dict = {"step": (0.0, ""), "abs": (0.0, ""), "oracle": (0.0, "")}
 
@@ -82,7 +89,9 @@ def test_compat_scheduler_matches_diffusers_flax_scheduler_step_by_step(schedule
         ref, _ = old.step(old_state, out, t, x).to_tuple()
         ours, _ = new.step(new_state, out, t, x).to_tuple()
         assert ours.dtype == ref.dtype == jnp.float32
-        orc, _ = oracle_step(kwargs, tables, t - 1000 // steps, t, np.asarray(out), np.asarray(x), 0.0, None, False)
+        orc, _ = oracle_step(
+            kwargs, tables, t - 1000 // steps, t, np.asarray(out), np.asarray(x), 0.0, None, False
+        )
         e_ref, e_orc, e_dif = rel_err(ours, ref), rel_err(ours, orc), rel_err(ref, orc)
         check_errors(f"step {i} (t={t})", e_ref, e_orc, e_dif)
         worst = max(worst, e_ref)
