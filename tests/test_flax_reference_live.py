@@ -10,7 +10,9 @@ is importable. Run with ``-s`` to see the largest differences.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,11 @@ import ddim_jax  # noqa: E402
 from ddim_jax.compat import FlaxDDIMScheduler  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
+_spec = importlib.util.spec_from_file_location(
+    "stable_diffusion", Path(__file__).resolve().parents[1] / "examples" / "stable_diffusion.py"
+)
+sd = importlib.util.module_from_spec(_spec)  # the example's tiny UNet config and fast random init
+_spec.loader.exec_module(sd)
 SCHEDULES = [
     {"beta_schedule": "linear"},
     {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
@@ -119,18 +126,6 @@ def test_largest_step_difference_is_reported():
     assert _largest["oracle"][0] <= 2e-6
 
 
-# diffusers' tiny Stable Diffusion UNet (its pipeline tests' config), one layer per block to keep
-# the three compilations short.
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-)
 SD_SCHEDULER = dict(
     beta_schedule="scaled_linear",
     beta_start=0.00085,
@@ -172,8 +167,8 @@ def pipeline_loop(scheduler, unet, num_inference_steps: int, guidance_scale: flo
 def test_old_pipeline_loop_compat_scheduler_and_sample_agree_on_a_real_unet():
     """The old pipeline loop with diffusers' FlaxDDIMScheduler, the same loop with the compat
     class, and ``ddim_jax.sample`` with guidance, around diffusers' FlaxUNet2DConditionModel."""
-    unet = FlaxUNet2DConditionModel(**TINY_UNET)
-    params = unet.init_weights(jax.random.key(0))
+    unet = FlaxUNet2DConditionModel(**sd.TINY_UNET)  # diffusers' tiny test UNet, float32
+    params = sd.random_params(unet)
     k_lat, k_ctx = jax.random.split(jax.random.key(1))
     batch, steps, guidance_scale = 2, 8, 7.5
     latents = jax.random.normal(k_lat, (batch, 4, 16, 16))
