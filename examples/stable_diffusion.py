@@ -143,7 +143,7 @@ def random_models(tiny: bool, dtype: Any = jnp.bfloat16, seed: int = 0) -> Model
 
 def _has_pytorch_weights(folder: Path) -> bool:
     flax = (folder / "diffusion_flax_model.msgpack").exists() or (folder / "flax_model.msgpack").exists()
-    return not flax and any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    return not flax and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
 
 
 def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
