@@ -32,11 +32,7 @@ _spec = importlib.util.spec_from_file_location(
 )
 sd = importlib.util.module_from_spec(_spec)  # the SD-1.5 / tiny configs and the fast random init
 _spec.loader.exec_module(sd)
-# SD-1.5's scheduler config: the options diffusers' old FlaxDDIMScheduler and torch DDIMScheduler share
-SD_KWARGS = {
-    k: getattr(sd.SD15_SCHEDULER, k)
-    for k in ("beta_schedule", "beta_start", "beta_end", "clip_sample", "set_alpha_to_one", "steps_offset")
-}
+SD_KWARGS = sd.SD15_SCHEDULER_KWARGS
 
 
 def setting(reduced: bool, quick: bool) -> dict:

@@ -9,7 +9,8 @@ program) and image-to-image ``--strength``; the VAE decodes to a PNG. Nothing is
 - ``--model-dir DIR``: a local diffusers-format folder (``unet/``, ``vae/``, ``scheduler/``, and
   ``text_encoder/`` + ``tokenizer/`` for prompts). Flax weights
   (``diffusion_flax_model.msgpack``) load as they are; PyTorch weights
-  (``diffusion_pytorch_model.safetensors`` / ``.bin``) through ``from_pt=True`` (needs torch).
+  (``diffusion_pytorch_model.safetensors`` / ``.bin``) are converted with diffusers' key renaming
+  (what ``from_pt=True`` does, which in diffusers 0.35 reads only ``.bin``; needs torch).
   The prompt is encoded by transformers' ``FlaxCLIPTextModel`` where it is importable
   (transformers < 5; Flax was removed in transformers 5), else pass ``--prompt-embeds`` (an
   ``.npy`` of shape ``(77, 768)`` for SD-1.5, e.g. saved from torch CLIP) and optionally
@@ -59,7 +60,8 @@ SD15_VAE = dict(
     latent_channels=4,
     sample_size=512,
 )
-SD15_SCHEDULER = ddim_jax.DDIMConfig(
+# (every one an option of diffusers' old FlaxDDIMScheduler and torch DDIMScheduler too)
+SD15_SCHEDULER_KWARGS = dict(
     beta_schedule="scaled_linear",
     beta_start=0.00085,
     beta_end=0.012,
@@ -67,6 +69,7 @@ SD15_SCHEDULER = ddim_jax.DDIMConfig(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+SD15_SCHEDULER = ddim_jax.DDIMConfig(**SD15_SCHEDULER_KWARGS)
 # diffusers' tiny test UNet and VAE (its pipeline tests' configs), one layer per block.
 TINY_UNET = dict(
     sample_size=16,
@@ -141,14 +144,44 @@ def random_models(tiny: bool, dtype: Any = jnp.bfloat16, seed: int = 0) -> Model
     return Models(unet, random_params(unet, seed), vae, random_params(vae, seed + 1), SD15_SCHEDULER)
 
 
-def _has_pytorch_weights(folder: Path) -> bool:
-    flax = (folder / "diffusion_flax_model.msgpack").exists() or (folder / "flax_model.msgpack").exists()
-    return not flax and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+def _pytorch_weights(folder: Path) -> Path | None:
+    """The PyTorch weights file of a diffusers model folder that holds no Flax weights, or None."""
+    if (folder / "diffusion_flax_model.msgpack").exists() or (folder / "flax_model.msgpack").exists():
+        return None
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def _from_pytorch(cls, root: Path, sub: str, dtype: Any):
+    """A diffusers Flax model from PyTorch weights (``.safetensors`` or ``.bin``), converted with
+    diffusers' own key renaming. diffusers' ``from_pt=True`` reads only ``.bin`` files and
+    initialises the model first (minutes on a CPU); here the parameter shapes come from
+    ``jax.eval_shape``."""
+    from diffusers.models.model_loading_utils import load_state_dict
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    model = cls.from_config(cls.load_config(root, subfolder=sub), dtype=dtype)
+    expected = flatten_dict(jax.eval_shape(model.init_weights, jax.random.key(0)))
+    params = {}
+    for key, tensor in load_state_dict(str(_pytorch_weights(root / sub))).items():
+        flax_key, value = rename_key_and_reshape_tensor(
+            tuple(rename_key(key).split(".")), tensor.float().numpy(), expected
+        )
+        if flax_key not in expected or value.shape != expected[flax_key].shape:
+            raise ValueError(f"{root / sub}: PyTorch weight {key!r} matches no parameter of {cls.__name__}")
+        params[flax_key] = jnp.asarray(value, jnp.float32)
+    missing = sorted(".".join(k) for k in expected.keys() - params.keys())
+    if missing:
+        raise ValueError(f"{root / sub}: no PyTorch weights for {missing[:3]} ({len(missing)} in all)")
+    return model, unflatten_dict(params)
 
 
 def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
     """A local diffusers-format folder: UNet, VAE, scheduler config, and the text encoder where
-    transformers' Flax CLIP is importable. ``from_pt=True`` where a folder holds PyTorch weights."""
+    transformers' Flax CLIP is importable. PyTorch weights are converted (needs torch)."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
     root = Path(model_dir)
@@ -156,8 +189,10 @@ def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
         raise FileNotFoundError(f"--model-dir {str(root)!r} has no unet/ folder (a diffusers-format model)")
     loaded = []
     for cls, sub in ((FlaxUNet2DConditionModel, "unet"), (FlaxAutoencoderKL, "vae")):
-        from_pt = _has_pytorch_weights(root / sub)
-        loaded.append(cls.from_pretrained(root, subfolder=sub, dtype=dtype, from_pt=from_pt))
+        if _pytorch_weights(root / sub) is not None:
+            loaded.append(_from_pytorch(cls, root, sub, dtype))
+        else:
+            loaded.append(cls.from_pretrained(root, subfolder=sub, dtype=dtype))
     (unet, unet_params), (vae, vae_params) = loaded
     scheduler = ddim_jax.DDIMConfig.from_pretrained(root) if (root / "scheduler").is_dir() else SD15_SCHEDULER
     text = None
@@ -170,7 +205,7 @@ def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
             )
         else:
             tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-            from_pt = _has_pytorch_weights(root / "text_encoder")
+            from_pt = _pytorch_weights(root / "text_encoder") is not None
             encoder = FlaxCLIPTextModel.from_pretrained(root, subfolder="text_encoder", from_pt=from_pt)
             text = (tokenizer, encoder)
     return Models(unet, unet_params, vae, vae_params, scheduler, text)

@@ -126,14 +126,7 @@ def test_largest_step_difference_is_reported():
     assert _largest["oracle"][0] <= 2e-6
 
 
-SD_SCHEDULER = dict(
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SD_SCHEDULER = sd.SD15_SCHEDULER_KWARGS  # SD-1.5's scheduler config
 
 
 def pipeline_loop(scheduler, unet, num_inference_steps: int, guidance_scale: float):
