@@ -212,12 +212,12 @@ def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
 
 
 def encode_prompts(models: Models, prompt: str, negative_prompt: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(negative, prompt)`` CLIP embeddings, each ``(77, D)``."""
+    """``(negative, prompt)`` CLIP embeddings, each ``(L, D)`` (``(77, 768)`` for SD-1.5)."""
     tokenizer, encoder = models.text
     ids = tokenizer(
         [negative_prompt, prompt],
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=min(tokenizer.model_max_length, encoder.config.max_position_embeddings),
         truncation=True,
         return_tensors="np",
     ).input_ids
