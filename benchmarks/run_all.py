@@ -34,6 +34,7 @@ SUITES = (
     "dynamic_steps",
     "parallel_sampling",
     "checks_cost",
+    "sd_unet",
 )
 
 
@@ -51,6 +52,32 @@ def merge(src: str, dst: str) -> None:
 
 def _fmt(values: dict[str, float], fmt: str = "{:.2f}") -> str:
     return ", ".join(f"{k}: {fmt.format(v)}" for k, v in values.items())
+
+
+def sd_goal_rows(sd: dict[str, float], gpu: bool, verdict) -> list[list[str]]:
+    """Issue #18's goals for the SD-class UNet (benchmarks/sd_unet.py), GPU targets."""
+    rows = []
+    groups = [
+        ("SD UNet: torch loop / ddim_jax.sample per image, batch 1", ">= 2x on GPU", "torch / sample, B=1",
+         "{:.2f}x", lambda v: min(v) >= 2),
+        ("SD UNet: sampler's share outside the model", "< 1% on GPU", "outside the model", "{:.2%}",
+         lambda v: max(v) < 0.01),
+        ("SD UNet: runtime step count / static program", "<= 1.05x on GPU", "runtime / static", "{:.3f}",
+         lambda v: max(v) <= 1.05),
+    ]  # fmt: skip
+    for goal, target, key, fmt, ok in groups:
+        values = {k: v for k, v in sd.items() if key in k}
+        if values:
+            measured = _fmt(values, fmt)
+            rows.append(
+                [
+                    goal,
+                    target,
+                    measured,
+                    verdict(ok(list(values.values())), measured) if gpu else "info (CPU)",
+                ]
+            )
+    return rows
 
 
 def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
@@ -179,9 +206,10 @@ def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
                 verdict(programs["runtime"] == 1, f"{programs['runtime']:.0f}"),
             ]
         )
+    rows += sd_goal_rows(summary.get("sd_unet", {}), gpu, verdict)
     if not rows:
         return ""
-    return "### Goals (issues #5, #11, #15), from the numbers above\n\n" + B.table(
+    return "### Goals (issues #5, #11, #15, #18), from the numbers above\n\n" + B.table(
         ["goal", "target", "measured", "verdict"], rows
     )
 

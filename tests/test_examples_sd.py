@@ -1,0 +1,128 @@
+"""examples/stable_diffusion.py at tiny size: text-to-image, a saved model folder loaded back
+through ``--model-dir``, image-to-image, and one compiled program for every step count."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "FlaxUNet2DConditionModel"):
+    pytest.skip("needs diffusers' Flax classes (diffusers < 0.40)", allow_module_level=True)
+pytest.importorskip("PIL")
+
+import ddim_jax  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location(
+        "stable_diffusion", ROOT / "examples" / "stable_diffusion.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sd = load_example()
+
+
+def test_tiny_run_then_the_saved_folder_loads_back_and_image_to_image(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "t2i.png"
+    first = sd.main(["--tiny", "--steps", "4", "--guidance-rescale", "0.7", "--out", str(out)])
+    assert Image.open(out).size == (32, 32) and first["traces"] == 1
+    assert np.isfinite(first["latents"]).all() and first["latents"].std() > 0.1
+
+    # save_pretrained into a diffusers-format folder, with the run's stand-in embeddings as files
+    models, folder = first["models"], tmp_path / "model"
+    models.unet.save_pretrained(folder / "unet", params=models.unet_params)
+    models.vae.save_pretrained(folder / "vae", params=models.vae_params)
+    ddim_jax.DDIMConfig.to_json(models.scheduler, tmp_path / "scheduler_config.json")
+    (folder / "scheduler").mkdir()
+    (tmp_path / "scheduler_config.json").rename(folder / "scheduler" / "scheduler_config.json")
+    rng = np.random.default_rng(0)  # the example's stand-ins for seed 0: negative, then prompt
+    negative, positive = (rng.standard_normal((77, 32)).astype(np.float32) for _ in range(2))
+    np.save(tmp_path / "pos.npy", positive)
+    np.save(tmp_path / "neg.npy", negative)
+    loaded = sd.main(
+        ["--model-dir", str(folder), "--prompt-embeds", str(tmp_path / "pos.npy"),
+         "--negative-embeds", str(tmp_path / "neg.npy"), "--steps", "4", "--guidance-rescale", "0.7",
+         "--out", str(tmp_path / "loaded.png")]
+    )  # fmt: skip
+    np.testing.assert_array_equal(loaded["latents"], first["latents"])
+    np.testing.assert_array_equal(loaded["images"], first["images"])
+
+    i2i = sd.main(
+        [
+            "--tiny",
+            "--init-image",
+            str(out),
+            "--strength",
+            "0.5",
+            "--steps",
+            "6",
+            "--out",
+            str(tmp_path / "i2i.png"),
+        ]
+    )
+    assert Image.open(tmp_path / "i2i.png").size == (32, 32)
+    assert np.isfinite(i2i["latents"]).all()
+
+
+def test_one_program_for_every_step_count_matches_the_static_loop():
+    models = sd.random_models(tiny=True, dtype=jnp.float32)
+    generate, traces = sd.make_generator(models, max_steps=8)
+    noise = jax.random.normal(jax.random.key(0), (1, 4, 16, 16))
+    context = jax.random.normal(jax.random.key(1), (2, 77, 32))
+    args = (jnp.float32(1.0), jnp.float32(5.0), jnp.float32(0.5), noise)
+    runtime = {s: generate(models.unet_params, noise, context, jnp.int32(s), *args) for s in (3, 5)}
+    assert len(traces) == 1  # step count, guidance and parameters are runtime values
+
+    state = ddim_jax.set_timesteps(ddim_jax.create_state(models.scheduler), 5)
+    static = jax.jit(
+        lambda params, noise, context, state: ddim_jax.sample(
+            sd.make_model_fn(models.unet), state, noise, model_args=(params, context),
+            guidance_scale=5.0, guidance_rescale=0.5,
+        )
+    )(models.unet_params, noise, context, state)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(runtime[5]), np.asarray(static), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(runtime[3]), np.asarray(runtime[5]))
+
+
+def test_a_folder_with_pytorch_weights_loads_with_from_pt(tmp_path):
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**sd.TINY_UNET).save_pretrained(tmp_path / "unet")
+    AutoencoderKL(**sd.TINY_VAE).save_pretrained(tmp_path / "vae")
+    assert list((tmp_path / "unet").glob("*.safetensors"))  # PyTorch weights only
+    out = sd.main(
+        [
+            "--model-dir",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "pt.png"),
+        ]
+    )
+    assert out["images"].shape == (1, 32, 32, 3) and np.isfinite(out["latents"]).all()
+    # the converted UNet computes what the torch one does
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    x, ctx = np.ones((1, 4, 16, 16), np.float32), np.full((1, 77, 32), 0.1, np.float32)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x), 500, encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()
+    models = out["models"]
+    ours = sd.make_model_fn(models.unet)(jnp.asarray(x), jnp.int32(500), models.unet_params, jnp.asarray(ctx))
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-3, atol=1e-3)
