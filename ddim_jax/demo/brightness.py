@@ -20,6 +20,7 @@ step counts and eta.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -27,10 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.stats import wasserstein_distance
-
 import ddim_jax
-from ddim_jax.demo.metrics import std_ratio
+from ddim_jax.demo.metrics import std_ratio, wasserstein_1d
 
 __all__ = [
     "SAMPLERS",
@@ -89,8 +88,8 @@ def demo_prior() -> BrightnessPrior:
     """Five equally likely levels from dark to bright (brightness 0.125 to 0.875), texture std 0.1.
 
     Example:
-      >>> demo_prior().weights.round(3).tolist()
-      [0.2, 0.2, 0.2, 0.2, 0.2]
+      >>> float(demo_prior().weights.sum()), len(demo_prior().levels)
+      (1.0, 5)
     """
     return BrightnessPrior(
         levels=jnp.asarray([-0.75, -0.375, 0.0, 0.375, 0.75], jnp.float32),
@@ -100,6 +99,7 @@ def demo_prior() -> BrightnessPrior:
     )
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def sample_data(prior: BrightnessPrior, key: jax.Array, shape: Sequence[int]) -> jax.Array:
     """``shape[0]`` images of shape ``shape[1:]`` drawn from the data distribution.
 
@@ -111,7 +111,7 @@ def sample_data(prior: BrightnessPrior, key: jax.Array, shape: Sequence[int]) ->
     """
     k_level, k_m, k_g = jax.random.split(key, 3)
     n = shape[0]
-    level = jax.random.choice(k_level, len(prior.levels), (n,), p=prior.weights)
+    level = jax.random.categorical(k_level, jnp.log(prior.weights), shape=(n,))
     m = prior.levels[level] + prior.level_std * jax.random.normal(k_m, (n,))
     g = prior.texture_std * jax.random.normal(k_g, tuple(shape))
     return _per_image(m, g) + g - _pixel_mean(g)
@@ -257,7 +257,7 @@ def _measures(bright: np.ndarray, data: np.ndarray, central: tuple[float, float]
     low, high = central
     return {
         "std_ratio": std_ratio(bright, data),
-        "w1": float(wasserstein_distance(bright, data)),
+        "w1": wasserstein_1d(bright, data),
         "min": float(bright.min()),
         "max": float(bright.max()),
         "beyond_central_80": float(np.mean((bright < low) | (bright > high))),
@@ -274,14 +274,15 @@ def run_part(
     num_samples: int = 200,
     seed: int = 0,
     prior: BrightnessPrior | None = None,
+    samplers: Sequence[str] = tuple(SAMPLERS),
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``ddim-jax demo --parts brightness``: brightness of the exact model's samples per sampler.
 
-    At the ``headline`` size every sampler in `SAMPLERS` runs every S in ``steps`` and eta in
+    At the ``headline`` size every sampler in ``samplers`` (names in `SAMPLERS`) runs every S in ``steps`` and eta in
     ``etas``; at the other ``sizes`` (square, ``channels`` channels) every sampler runs
     S = 50 (or the largest S below it) at eta = 0. Every cell of one size decodes the same
     ``num_samples`` x_T. Per cell, against the data's per-image brightness (20,000 exact
-    draws of ``m``): the std ratio, W1 (`scipy.stats.wasserstein_distance`), the darkest and
+    draws of ``m``): the std ratio, W1 (`ddim_jax.demo.metrics.wasserstein_1d`), the darkest and
     brightest sample, and the fraction beyond the data's central 80%. The mechanism: per
     sampler, ``sqrt(alpha_bar)`` at its first timestep and the leaked mean's SNR there.
 
@@ -290,11 +291,14 @@ def run_part(
       at S = 50 (as above), eta = 0.
 
     Example (tiny):
-      >>> results, samples = run_part(sizes=(4,), headline=4, steps=(5,), etas=(0.0,), num_samples=8)
-      >>> sorted(results["cells"]["4"]["a"]["5"]["0"]), samples["d"].shape
+      >>> results, samples = run_part(sizes=(4,), headline=4, steps=(5,), etas=(0.0, 1.0), num_samples=8,
+      ...                             samplers="ad")
+      >>> sorted(results["cells"]["4"]["a"]["5"]["1"]), samples["d"].shape
       (['beyond_central_80', 'max', 'min', 'std_ratio', 'w1'], (8, 4, 4, 3))
     """
     prior = prior or demo_prior()
+    for name in samplers:
+        sampler_config(name)  # checks the name
     if headline not in sizes:
         raise ValueError(f"headline must be one of sizes {list(sizes)}, got {headline}")
     key = jax.random.key(seed)
@@ -312,7 +316,7 @@ def run_part(
         x_T = jax.random.normal(jax.random.fold_in(k_noise, size), shape, jnp.float32)
         grid = [(s, e) for s in steps for e in etas] if size == headline else [(s_mid, 0.0)]
         cells[str(size)] = {}
-        for name in SAMPLERS:
+        for name in samplers:
             row: dict[str, dict[str, Any]] = {}
             for s, eta in grid:
                 cell_key = jax.random.fold_in(jax.random.fold_in(key, s), int(round(1000 * eta)))
@@ -322,7 +326,7 @@ def run_part(
                     samples[name] = images
             cells[str(size)][name] = row
     d_values = {str(size): size * size * channels for size in sizes}
-    for name in SAMPLERS:
+    for name in samplers:
         state = ddim_jax.create_state(sampler_config(name))
         first = {}
         for s in steps:
@@ -334,8 +338,8 @@ def run_part(
         mechanism[name] = {"sqrt_alpha_bar_T": a_last**0.5, "first_timestep": first}
     mean, var = prior.mean_and_variance()
     results = {
-        "names": dict(SAMPLERS),
-        "configs": {name: sampler_config(name).to_dict() for name in SAMPLERS},
+        "names": {name: SAMPLERS[name] for name in samplers},
+        "configs": {name: sampler_config(name).to_dict() for name in samplers},
         "sizes": list(sizes),
         "headline": headline,
         "channels": channels,
@@ -366,7 +370,7 @@ def brightness_markdown(results: dict[str, Any]) -> str:
     """Renders `run_part`'s results as markdown: the headline table, resolutions, mechanism.
 
     Example:
-      >>> results, _ = run_part(sizes=(4,), headline=4, steps=(5,), etas=(0.0,), num_samples=8)
+      >>> results, _ = run_part(sizes=(4,), headline=4, steps=(5,), etas=(0.0,), num_samples=8, samplers="a")
       >>> print(brightness_markdown(results).splitlines()[0])
       ### Brightness with the exact (Bayes-optimal) model: 4x4x3, 8 samples per cell
     """
@@ -399,7 +403,8 @@ def brightness_markdown(results: dict[str, Any]) -> str:
         "",
         f"### Growth with resolution: std ratio (W1), S = {results['resolution_steps']}, eta = 0",
         "",
-        "| sampler | " + " | ".join(f"{s}x{s}x{c} (D = {results['num_values'][str(s)]})" for s in results["sizes"])
+        "| sampler | "
+        + " | ".join(f"{s}x{s}x{c} (D = {results['num_values'][str(s)]})" for s in results["sizes"])
         + " |",
         "|---|" + "---|" * len(results["sizes"]),
     ]
@@ -407,7 +412,9 @@ def brightness_markdown(results: dict[str, Any]) -> str:
     for name, label in results["names"].items():
         cells = [results["cells"][str(s)][name][s_mid]["0"] for s in results["sizes"]]
         lines.append(
-            f"| {name}: {label} | " + " | ".join(f"{m['std_ratio']:.2f} ({m['w1']:.3f})" for m in cells) + " |"
+            f"| {name}: {label} | "
+            + " | ".join(f"{m['std_ratio']:.2f} ({m['w1']:.3f})" for m in cells)
+            + " |"
         )
     lines += [
         "",
