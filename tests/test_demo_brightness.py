@@ -64,7 +64,7 @@ def test_level_posterior_matches_importance_sampling(alpha_bar):
 
 @pytest.mark.parametrize("alpha_bar", [0.95, 0.3, 0.0047])
 def test_posterior_mean_is_the_optimum(alpha_bar):
-    """Its MSE to x0 is below every perturbed denoiser's (scaled, shifted, other texture gain, Gaussian prior)."""
+    """Its MSE is below every perturbed denoiser's (scaled, shifted, other texture gain, Gaussian prior)."""
     x0, x_t = noisy_pairs(alpha_bar, 20000)
     best = np.asarray(br.posterior_mean(PRIOR, x_t, alpha_bar), np.float64)
     mean = best.mean(axis=(1, 2, 3), keepdims=True)
@@ -131,7 +131,7 @@ def test_bad_inputs():
 
 
 def test_part_small_sd_schedule_narrows_brightness_zero_snr_does_not():
-    """The claim at 16x16x3 (D = 768): a perfect model under SD's schedule narrows the brightness, the fix less."""
+    """The claim at 16x16x3 (D = 768): under SD's schedule the perfect model narrows the brightness."""
     results, samples = br.run_part(
         sizes=(4, 16), headline=16, steps=(50,), etas=(0.0,), num_samples=300, seed=0, samplers="ad"
     )

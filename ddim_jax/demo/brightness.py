@@ -1,4 +1,4 @@
-"""Lin et al.'s first claim with a perfect model: Stable Diffusion's schedule cannot make dark or bright images.
+"""Lin et al.'s first claim with a perfect model: SD's schedule cannot make dark or bright images.
 
 The data: each image is a brightness level ``m`` times a ones image plus a Gaussian texture
 orthogonal to it, ``x0 = m 1 + z``, with ``m`` drawn from a mixture of Gaussian levels (dark
@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import ddim_jax
 from ddim_jax.demo.metrics import std_ratio, wasserstein_1d
 
@@ -278,17 +279,18 @@ def run_part(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``ddim-jax demo --parts brightness``: brightness of the exact model's samples per sampler.
 
-    At the ``headline`` size every sampler in ``samplers`` (names in `SAMPLERS`) runs every S in ``steps`` and eta in
-    ``etas``; at the other ``sizes`` (square, ``channels`` channels) every sampler runs
-    S = 50 (or the largest S below it) at eta = 0. Every cell of one size decodes the same
+    At the ``headline`` size every sampler in ``samplers`` (names in `SAMPLERS`) runs every S
+    in ``steps`` and eta in ``etas``; at the other ``sizes`` (square, ``channels`` channels)
+    every sampler runs S = 50 (or the largest S below it) at eta = 0. Every cell of one size decodes the same
     ``num_samples`` x_T. Per cell, against the data's per-image brightness (20,000 exact
     draws of ``m``): the std ratio, W1 (`ddim_jax.demo.metrics.wasserstein_1d`), the darkest and
     brightest sample, and the fraction beyond the data's central 80%. The mechanism: per
     sampler, ``sqrt(alpha_bar)`` at its first timestep and the leaked mean's SNR there.
 
     Returns:
-      ``(results, samples)``: the JSON-ready results, and the headline samples per sampler
-      at S = 50 (as above), eta = 0.
+      ``(results, samples)``: the JSON-ready results (``histogram`` holds the brightness of
+      the headline samples below and 5,000 of the data's), and the headline samples per
+      sampler at S = 50 (as above), eta = 0.
 
     Example (tiny):
       >>> results, samples = run_part(sizes=(4,), headline=4, steps=(5,), etas=(0.0, 1.0), num_samples=8,
@@ -361,6 +363,11 @@ def run_part(
         },
         "cells": cells,
         "mechanism": mechanism,
+        "histogram": {
+            "steps": s_mid,
+            "data": data[:5000].round(4).tolist(),
+            "samples": {name: brightness(x).round(4).tolist() for name, x in samples.items()},
+        },
         "seconds": time.perf_counter() - start,
     }
     return results, samples
