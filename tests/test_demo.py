@@ -85,7 +85,7 @@ def test_demo_writes_files_and_tables(demo_runs):
     assert "Table 1" in markdown and "Table 2" in markdown and "| 1 |" in markdown
     assert "Zero terminal SNR" in markdown and "Guidance" in markdown
     assert set(results["cpu_seconds"]) >= {"table1", "table2", "schedule", "guidance", "total"}
-    assert sorted(results["figures"]) == ["fcd", "guidance"]  # labelled figures, RGBA
+    assert sorted(results["figures"]) == ["fcd", "guidance", "schedule"]  # labelled figures, RGBA
     for name in results["figures"].values():
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.mode == "RGBA" and image.size[0] > 300

@@ -415,6 +415,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         n = min(20, args.schedule_samples)  # a row each: held-out data, then samplers a, b, c
         rows = np.concatenate([x_held_out[:n], *(last[k][:n] for k in "abc")])
         save_grid("brightness", "brightness_real_a_b_c.png", rows, ncols=n)
+        save_figure("schedule", "schedule_fcd.png", fig.schedule_fcd, brightness)
     if "guidance" in parts:
         guided = sampler("v_prediction", timestep_spacing="trailing")
         guidance, samples = guidance_table(
