@@ -123,7 +123,7 @@ def brightness_by_steps(results: Mapping[str, Any], path: _Path) -> _Path:
     """
     h = str(results["headline"])
     steps = results["steps"]
-    fig = _figure(6.4, 4.0)
+    fig = _figure(10.0, 4.0)
     ax = fig.subplots()
     for i, name in enumerate(results["names"]):
         for eta in results["etas"]:
@@ -139,7 +139,7 @@ def brightness_by_steps(results: Mapping[str, Any], path: _Path) -> _Path:
     ax.set_xlabel("sampling steps S")
     ax.set_ylabel("std of per-image brightness: samples / data")
     ax.set_title(f"Brightness spread of the perfect model, {h}x{h}x{results['channels']}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
