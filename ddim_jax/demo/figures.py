@@ -94,7 +94,7 @@ def brightness_extremes(
       True
     """
     rows = {"data": np.asarray(data), **{f"{n}: {names[n]}": np.asarray(x) for n, x in samples.items()}}
-    fig = _figure(1.1 * 2 * k + 2.5, 1.2 * len(rows) + 0.6)
+    fig = _figure(0.75 * 2 * k + 2.6, 0.9 * len(rows) + 0.6)  # about one screen pixel per 64x64 pixel
     axes = fig.subplots(len(rows), 2 * k, squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         order = np.argsort(images.reshape(len(images), -1).mean(1))
