@@ -172,8 +172,8 @@ def bdia_sample(
       latents: x_T (or the sample at ``timesteps[start_step]``), or `BDIALatents` from `bdia_invert`.
       gamma: BDIA's gamma in [0, 1] (1: the paper's original update; 0: DDIM); a float or a
         traced scalar. Exact round trips need the same gamma > 0 as `bdia_invert`.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
-        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
+      model_args: as for `sample`, and so are guidance_scale, guidance_rescale, guidance_layout,
+        guider, model_dtype, return_trajectory, callback, callback_every, remat, start_step, unroll
         (a runtime-length state or a traced start_step runs the runtime-length loop).
         From `BDIALatents` the first step's output is ``latents.x_next`` and the loop runs
         the steps after it (the trajectory has one entry fewer).
@@ -263,8 +263,8 @@ def bdia_invert(
       x0: the clean sample, batch first.
       gamma: BDIA's gamma in (0, 1], the same as in `bdia_sample`. Each step divides by it, so
         round-off grows like ``gamma ** -S``: use 1 (the default) or close to it.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
-        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`.
+      model_args: as for `invert`, and so are guidance_scale, guidance_rescale, guidance_layout,
+        guider, model_dtype, return_trajectory, callback, callback_every, remat, start_step and unroll.
 
     Returns:
       `BDIALatents` ``(x, x_next)``: the sample at ``timesteps[start_step]`` and the one after it

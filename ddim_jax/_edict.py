@@ -189,8 +189,8 @@ def edict_sample(
       state: a state after `set_timesteps`.
       latents: x_T (both copies start from it), or the `EDICTLatents` from `edict_invert`.
       mixing: the mixing coefficient p in (0, 1] (the paper's 0.93); a float or traced scalar.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
-        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `sample`
+      model_args: as for `sample`, and so are guidance_scale, guidance_rescale, guidance_layout,
+        guider, model_dtype, return_trajectory, callback, callback_every, remat, start_step, unroll
         (a runtime-length state or a traced start_step runs the runtime-length loop).
         The trajectory and the callback follow the first copy x; its ``pred_original_sample``
         is the x0 predicted by each step's second model call.
@@ -281,8 +281,8 @@ def edict_invert(
       state: a state after `set_timesteps` (``clip_sample=False``, ``thresholding=False``).
       x0: the clean sample, batch first.
       mixing: the mixing coefficient p in (0, 1]; the same value as in `edict_sample`.
-      model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype,
-        return_trajectory, callback, callback_every, remat, start_step, unroll: as for `invert`;
+      model_args: as for `invert`, and so are guidance_scale, guidance_rescale, guidance_layout,
+        guider, model_dtype, return_trajectory, callback, callback_every, remat, start_step, unroll;
         the trajectory and the callback follow the first copy x.
 
     Returns:

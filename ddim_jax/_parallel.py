@@ -137,8 +137,8 @@ def parallel_sample(
         scalar); 0 accepts only bitwise-unchanged samples (and the one exact step per round).
       max_iterations: the most rounds (int or traced int; default S, always enough since
         each round settles at least one step). Check ``converged`` when setting it lower.
-      key, eta, model_args, guidance_scale, guidance_rescale, guidance_layout, guider,
-      use_clipped_model_output, model_dtype, start_step: as for `sample` (step i's noise
+      key: as for `sample`, and so are eta, model_args, guidance_scale, guidance_rescale,
+        guidance_layout, guider, use_clipped_model_output, model_dtype and start_step (step i's noise
         comes from ``jax.random.split(key, S)[i]``, per example for a batch of keys).
         A runtime-length state (``set_timesteps(..., max_steps=M)``) or a traced
         ``start_step`` runs one program for every S in [1, M], as in `sample`: the same rounds

@@ -94,6 +94,10 @@ def test_demo_writes_files_and_tables(demo_runs):
     assert "Table 1" in markdown and "Table 2" in markdown and "| 1 |" in markdown
     assert "Zero terminal SNR" in markdown and "Guidance" in markdown
     assert set(results["cpu_seconds"]) >= {"table1", "table2", "schedule", "guidance", "total"}
+    assert sorted(results["figures"]) == ["fcd", "guidance", "schedule"]  # labelled figures, RGBA
+    for name in results["figures"].values():
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.mode == "RGBA" and image.size[0] > 300
 
 
 def test_demo_cache_reused_and_reproducible(demo_runs):
@@ -125,7 +129,11 @@ def test_demo_cache_reused_and_reproducible(demo_runs):
         (["--seed", "x"], "--seed"),
         (["--seed", str(2**64)], "--seed: expected an integer in [0, 2**32 - 1"),  # was an OverflowError
         (["--seed", "-1"], "--seed"),
-        (["--parts", "ddim,brightness"], "--parts"),
+        (["--parts", "ddim,colour"], "--parts"),
+        (["--brightness-samples", "1"], "--brightness-samples"),
+        (["--brightness-sizes", "8,32", "--brightness-headline", "64"], "--brightness-headline"),
+        (["--brightness-steps", "0"], "--brightness-steps"),
+        (["--brightness-etas", "2"], "--brightness-etas"),
         (["--guidance-rescales", "1.5"], "--guidance-rescales"),
         (["--guidance-methods", "cfg,nope"], "--guidance-methods"),
         (["--schedule-steps", "0"], "--schedule-steps"),
@@ -193,6 +201,11 @@ def test_demo_inversion_part(demo_runs, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["parts"] == ["inversion"] and results["params_from_cache"] == {"v_prediction": True}
     assert results["files"] == {"inversion_w1": "inversion_w1_S2.png", "inversion_w3": "inversion_w3_S2.png"}
+    assert results["figures"] == {
+        "inversion_w1": "inversion_w1_S2_labelled.png",
+        "inversion_w3": "inversion_w3_S2_labelled.png",
+    }
+    assert all((out / name).is_file() for name in results["figures"].values())
     for name in results["files"].values():  # 7 rows (originals; reconstructions, edits per method) of 4
         assert read_png(out / name).shape == (7 * 33 + 1, 4 * 33 + 1)  # 8x8 at 4x, 1-pixel frames
     table = results["inversion"]
@@ -206,6 +219,33 @@ def test_demo_inversion_part(demo_runs, tmp_path):
                     assert cell["max_rel_err"] < 1e-4, (method, w, s, cell)
     text = (out / "results.md").read_text()
     assert "| bdia | 3 |" in text and "d -> (d + 5) % 10" in text
+
+
+def test_demo_brightness_part(tmp_path, no_training):
+    """``--parts brightness``: no training, no digits; its tables and four labelled figures, small."""
+    out = tmp_path / "brightness_only"
+    argv = ["demo", "--out", str(out), "--no-cache", "--quiet", "--parts", "brightness"]
+    argv += ["--brightness-sizes", "8", "--brightness-headline", "8", "--brightness-steps", "3,5"]
+    argv += ["--brightness-etas", "0", "--brightness-samples", "12"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["parts"] == ["brightness"] and results["params_from_cache"] == {}
+    assert results["files"] == {}
+    table = results["exact_brightness"]
+    assert set(table["cells"]["8"]["a"]) == {"3", "5"} and set(table["cells"]["8"]["a"]["5"]) == {"0"}
+    assert sorted(results["figures"]) == [
+        "brightness_by_resolution",
+        "brightness_by_steps",
+        "brightness_extremes",
+        "brightness_histograms",
+    ]
+    for name in results["figures"].values():
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    text = (out / "results.md").read_text()
+    assert "Growth with resolution" in text
+    assert "| d: zero-SNR, v-prediction, trailing (the fix) | 0 |" in text
+    assert "brightness" in results["seconds"]
 
 
 def test_demo_help(capsys):

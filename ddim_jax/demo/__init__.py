@@ -1,13 +1,14 @@
 """The main job (``ddim-jax demo``): small class-conditional Flax UNets trained on scikit-learn's digits.
 
-Needs the ``demo`` extra (flax, optax, scikit-learn, tqdm, Pillow). Modules: `unet` (the
+Needs the ``demo`` extra (flax, optax, scikit-learn, tqdm, Pillow, matplotlib). Modules: `unet` (the
 model), `data` (the digits, and their random brightness), `train` (optax training of the
 epsilon and the zero-SNR v-prediction models, and the parameter cache), `metrics` (Frechet
 distance in a small classifier's feature space, brightness and over-exposure measures),
 `png` (image grids, written with Pillow), `experiments` (the DDIM paper's tables in
 miniature, and `Sampler` / `trained_sampler`), `fixes` (Lin et al.'s fixes in miniature),
-`inversion` (DDIM inversion, EDICT and BDIA reconstructing and editing digits) and `cli`
-(the console script).
+`inversion` (DDIM inversion, EDICT and BDIA reconstructing and editing digits), `brightness`
+(Lin et al.'s first claim on a closed-form perfect model, no training), `figures` (labelled
+matplotlib figures of the results) and `cli` (the console script).
 
 To build on the trained class-conditional model::
 

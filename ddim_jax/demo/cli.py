@@ -1,10 +1,12 @@
 """The ``ddim-jax`` console script: ``ddim-jax demo`` trains, caches, samples and reports.
 
-Four parts, each alone with ``--parts``, the first three by default: ``ddim`` (the DDIM
+Five parts, each alone with ``--parts``, the first three by default: ``ddim`` (the DDIM
 paper's Tables 1 and 2), ``schedule`` (Lin et al.'s zero terminal SNR, v-prediction and
 trailing spacing against Stable Diffusion's setting, on image brightness), ``guidance``
-(classifier-free guidance and its rescale) and ``inversion`` (DDIM inversion against the exact
-EDICT and BDIA, reconstructing and editing held-out digits).
+(classifier-free guidance and its rescale), ``inversion`` (DDIM inversion against the exact
+EDICT and BDIA, reconstructing and editing held-out digits) and ``brightness`` (Lin et al.'s
+first claim with a closed-form perfect model, `ddim_jax.demo.brightness`; no training).
+Labelled figures (`ddim_jax.demo.figures`) go beside the tables.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ __all__ = [
 DEFAULT_STEPS = (10, 20, 50, 100)
 DEFAULT_RECON_STEPS = (10, 20, 50, 100, 1000)
 DEFAULT_ETAS = (0.0, 0.5, 1.0)
-PARTS = ("ddim", "schedule", "guidance", "inversion")
-DEFAULT_PARTS = PARTS[:3]  # inversion (about 55 s of CPU) on request: keeps the default run within its budget
+PARTS = ("ddim", "schedule", "guidance", "inversion", "brightness")
+# inversion (about 55 s of CPU) and brightness (minutes) on request: keeps the default run within its budget
+DEFAULT_PARTS = PARTS[:3]
 _DEMO_MODULES = {
     "flax": "flax",
     "optax": "optax",
@@ -112,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
             "'guidance' measures classifier-free guidance scales with and without guidance rescale, and "
             "each guidance method (CFG-Zero*, APG, tangential CFG, CFG++, a window, a schedule) beside CFG; "
             "'inversion' reconstructs and edits held-out digits (d -> (d + 5) % 10) with DDIM inversion, "
-            "EDICT and BDIA (not in the default run: --parts ddim,schedule,guidance,inversion for all four). "
-            "Writes PNG grids, results.md and results.json. Defaults take a few minutes on a 2-core CPU."
+            "EDICT and BDIA; 'brightness' samples a closed-form Bayes-optimal model of brightness-level "
+            "images under SD's and the zero-SNR schedule at 8x8 to 128x128 (no training). The last two are "
+            "not in the default run (--parts ddim,schedule,guidance,inversion,brightness for all five). "
+            "Writes PNG grids, labelled figures, results.md and results.json. Defaults take a few minutes "
+            "on a 2-core CPU."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -182,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance scales w used both ways (invert under the digit, sample under it and its edit)",
     )
     inv.add_argument("--inversion-digits", type=int, default=50, help="held-out digits inverted and edited")
+    bright = demo.add_argument_group("part 'brightness': the perfect model under each schedule (no training)")
+    bright.add_argument(
+        "--brightness-sizes",
+        type=_int_list,
+        default=(8, 32, 64, 128),
+        help="image sizes (square, 3 channels)",
+    )
+    bright.add_argument(
+        "--brightness-headline", type=int, default=64, help="the size that runs every S and eta"
+    )
+    bright.add_argument("--brightness-steps", type=_int_list, default=(10, 25, 50, 200), help="step counts S")
+    bright.add_argument("--brightness-etas", type=_float_list, default=(0.0, 1.0), help="eta values")
+    bright.add_argument("--brightness-samples", type=int, default=200, help="samples per cell")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -229,7 +248,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--schedule-samples must be >= 2 (a covariance needs two), got {args.schedule_samples}"
         )
-    for name in ("steps", "recon_steps", "schedule_steps", "inversion_steps"):
+    if args.brightness_samples < 2:
+        raise ValueError(
+            f"--brightness-samples must be >= 2 (a spread needs two), got {args.brightness_samples}"
+        )
+    if any(not 1 <= s <= 512 for s in args.brightness_sizes):
+        raise ValueError(f"--brightness-sizes values must be in [1, 512], got {args.brightness_sizes}")
+    if args.brightness_headline not in args.brightness_sizes:
+        raise ValueError(
+            f"--brightness-headline must be one of --brightness-sizes {args.brightness_sizes}, "
+            f"got {args.brightness_headline}"
+        )
+    if any(not 0.0 <= eta <= 1.0 for eta in args.brightness_etas):
+        raise ValueError(f"--brightness-etas values must be in [0, 1], got {args.brightness_etas}")
+    for name in ("steps", "recon_steps", "schedule_steps", "inversion_steps", "brightness_steps"):
         for s in getattr(args, name):
             if not 1 <= s <= 1000:
                 raise ValueError(f"--{name.replace('_', '-')} values must be in [1, 1000], got {s}")
@@ -299,6 +331,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from ddim_jax.demo import figures as fig
     from ddim_jax.demo.data import load_digits_split, to_unit_range, vary_brightness
     from ddim_jax.demo.experiments import Sampler, quality_table, reconstruction_table, tables_markdown
     from ddim_jax.demo.fixes import brightness_table, fixes_markdown, guidance_grid_images, guidance_table
@@ -320,7 +353,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     needed = {"epsilon": epsilon} if parts & {"ddim", "schedule"} else {}
     if parts & {"schedule", "guidance", "inversion"}:
         needed["v_prediction"] = fixed_settings(epsilon)
-    digits = load_digits_split()
+    on_digits = bool(parts - {"brightness"})  # part brightness needs no digits, models nor classifier
+    digits = load_digits_split() if on_digits else None
     clock.lap("setup")
     params, cached = {}, {}
     for name, settings in needed.items():
@@ -329,10 +363,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
         clock.lap(f"train_{name}" if not cached[name] else f"load_{name}")
         print(f"{name} denoiser: {'loaded from cache' if cached[name] else 'trained'}", file=sys.stderr)
-    features = default_feature_net(0)  # a fixed metric, comparable across --seed values
-    x_reference = np.asarray(vary_brightness(digits.x_train, jax.random.key(100)))
-    x_held_out = np.asarray(vary_brightness(digits.x_test, jax.random.key(99)))
-    clock.lap("classifier")
+    if on_digits:
+        features = default_feature_net(0)  # a fixed metric, comparable across --seed values
+        x_reference = np.asarray(vary_brightness(digits.x_train, jax.random.key(100)))
+        x_held_out = np.asarray(vary_brightness(digits.x_test, jax.random.key(99)))
+        clock.lap("classifier")
 
     def sampler(name: str, **sampling: Any) -> Sampler:
         settings = needed[name]
@@ -350,7 +385,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(total=total, desc="DDIM sampling (all cells)", unit="step", disable=not progress)
     results: dict[str, Any] = {"parts": list(args.parts)}
     files: dict[str, str] = {}
+    figures: dict[str, str] = {}  # labelled matplotlib figures (RGBA), apart from the grayscale grids
     markdown = []
+
+    def save_figure(key: str, name: str, draw: Any, *inputs: Any) -> None:
+        """Draws one labelled figure (`ddim_jax.demo.figures`) under ``out`` and records it in ``figures``."""
+        figures[key] = name
+        draw(*inputs, out / name)
 
     def save_grid(key: str, name: str, images: np.ndarray, ncols: int = 10) -> None:
         """Writes ``images`` ([-1, 1]) as one PNG grid under ``out`` and records it in ``files``."""
@@ -380,6 +421,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             rows = np.concatenate([eta0[s][:10] for s in sorted(eta0)])
             save_grid("steps", "same_noise_by_steps.png", rows)
         save_grid("real", "real_digits.png", x_held_out[:100])
+        save_figure("fcd", "fcd_by_steps.png", fig.fcd_by_steps, quality)
     if "schedule" in parts:
         samplers = {
             "a": sampler("epsilon", steps_offset=1),
@@ -401,6 +443,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         n = min(20, args.schedule_samples)  # a row each: held-out data, then samplers a, b, c
         rows = np.concatenate([x_held_out[:n], *(last[k][:n] for k in "abc")])
         save_grid("brightness", "brightness_real_a_b_c.png", rows, ncols=n)
+        save_figure("schedule", "schedule_fcd.png", fig.schedule_fcd, brightness)
     if "guidance" in parts:
         guided = sampler("v_prediction", timestep_spacing="trailing")
         guidance, samples = guidance_table(
@@ -418,6 +461,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         grid = guidance_grid_images(samples, args.guidance_scales, args.guidance_rescales)
         ncols = 11 * len(args.guidance_rescales) - 1
         save_grid("guidance", "guidance_grid.png", grid, ncols=ncols)
+        save_figure("guidance", "guidance_exposure.png", fig.guidance_exposure, guidance)
     markdown.append(fixes_markdown(results.get("brightness"), results.get("guidance")))
     if "guidance" in parts:  # each guidance method beside CFG, at the scales w > 1
         scales = [w for w in args.guidance_scales if w > 1]
@@ -439,10 +483,37 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             out,
             steps=args.inversion_steps,
             guidance_scales=args.inversion_guidance,
+            figures=figures,
         )
         clock.lap("inversion")
         files.update(inversion_files)
         markdown.append(text)
+    if "brightness" in parts:
+        from ddim_jax.demo import brightness as exact
+
+        print("part brightness: sampling the exact model (no progress bar)", file=sys.stderr)
+        h = args.brightness_headline
+        results["exact_brightness"], samples = exact.run_part(
+            sizes=args.brightness_sizes,
+            headline=h,
+            steps=args.brightness_steps,
+            etas=args.brightness_etas,
+            num_samples=args.brightness_samples,
+            seed=args.seed,
+        )
+        clock.lap("brightness")
+        table = results["exact_brightness"]
+        markdown.append(exact.brightness_markdown(table))
+        data = exact.sample_data(
+            exact.demo_prior(), jax.random.key(args.seed + 1), (args.brightness_samples, h, h, 3)
+        )
+        save_figure("brightness_histograms", "brightness_histograms.png", fig.brightness_histograms, table)
+        extremes = (samples, np.asarray(data), table["names"])
+        save_figure("brightness_extremes", "brightness_extremes.png", fig.brightness_extremes, *extremes)
+        save_figure("brightness_by_steps", "brightness_by_steps.png", fig.brightness_by_steps, table)
+        save_figure(
+            "brightness_by_resolution", "brightness_by_resolution.png", fig.brightness_by_resolution, table
+        )
     bar.close()
     clock.lap("images_and_metrics")
     wall, cpu = clock.total()
@@ -454,21 +525,26 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         cpu_count=os.cpu_count(),
         device=str(jax.devices()[0].platform),
         files=files,
+        figures=figures,
     )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     split = ", ".join(f"{k} {clock.wall[k]:.1f} s ({clock.cpu[k]:.1f} s CPU)" for k in clock.wall)
-    timing = (
+    models = (
         f"\nModels: UNet channels {tuple(epsilon.channels)}, {epsilon.train_steps} training steps of batch "
         f"{epsilon.batch_size} each, scaled_linear betas (0.00085 to 0.012), "
         f"T = {epsilon.num_train_timesteps}; "
-        f"sampling clip_sample={args.clip_sample} in part ddim, False elsewhere.\n"
+        f"sampling clip_sample={args.clip_sample} in part ddim, False elsewhere."
+    )
+    timing = (
+        (models if needed else "\nNo trained model (part brightness samples a closed-form one).") + "\n"
         f"Wall time {wall:.1f} s, process CPU time {cpu:.1f} s on {results['device']} with "
         f"{os.cpu_count()} cores. Per part: {split}.\n"
     )
     text = "\n".join(m for m in markdown if m) + timing
     (out / "results.md").write_text(text)
     print(text)
-    print(f"wrote {', '.join(str(out / f) for f in [*files.values(), 'results.md', 'results.json'])}")
+    written = [*files.values(), *figures.values(), "results.md", "results.json"]
+    print(f"wrote {', '.join(str(out / f) for f in written)}")
     return results
 
 

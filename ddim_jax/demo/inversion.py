@@ -193,10 +193,13 @@ def run_inversion_part(
     *,
     steps: Sequence[int],
     guidance_scales: Sequence[float],
+    figures: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str], str]:
     """``ddim-jax demo --parts inversion``: the table, one PNG grid per w (at the smallest S), markdown.
 
     Returns ``(table, files, markdown)``; `ddim_jax.demo.cli.run_demo` adds them to the results.
+    With a ``figures`` dict, each grid is also drawn as a labelled figure
+    (`ddim_jax.demo.figures.image_rows`) and recorded there.
 
     Example (an untrained model; a constant guess stands in for the classifier):
       >>> import tempfile
@@ -219,7 +222,22 @@ def run_inversion_part(
     files = {}
     for w in guidance_scales:
         name = files[f"inversion_w{w:g}"] = f"inversion_w{w:g}_S{s_grid}.png"
-        write_png(out / name, image_grid(inversion_grid(x0, images, w, s_grid, ncols), ncols=ncols))
+        grid = inversion_grid(x0, images, w, s_grid, ncols)
+        write_png(out / name, image_grid(grid, ncols=ncols))
+        if figures is not None:
+            from ddim_jax.demo.figures import image_rows
+
+            rows = ["original"] + [
+                f"{m}: {kind}"
+                for (m, w_, s) in images
+                if w_ == w and s == s_grid
+                for kind in ("round trip", "edit")
+            ]
+            title = (
+                f"Inversion, w = {w:g}, S = {s_grid}: round trip under d, edit d -> (d + {EDIT_SHIFT}) % 10"
+            )
+            name = figures[f"inversion_w{w:g}"] = f"inversion_w{w:g}_S{s_grid}_labelled.png"
+            image_rows(2.0 * grid - 1.0, rows, title, out / name)
     markdown = inversion_markdown(table) + (
         f"\nRows of {', '.join(files.values())}: originals, then per method ({', '.join(METHODS)}) "
         f"its reconstructions and its edits, at S = {s_grid}.\n"
