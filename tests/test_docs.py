@@ -49,7 +49,12 @@ CHECKS = {
         ns["images"].shape == (8, 4, 64, 64) and _finite(ns["images"], ns["out"].prev_sample)
     ),
     "sampling.md": lambda ns: _finite(ns["images"], ns["edited"]),
-    "guidance.md": lambda ns: ns["images"].shape == (8, 4, 64, 64) and _finite(ns["images"]),
+    "guidance.md": lambda ns: (
+        ns["images"].shape == (8, 4, 64, 64)
+        and _finite(ns["images"], ns["per_example"], ns["out"])
+        and ns["per_example"].shape == (3, 16)
+        and len(ns["traces"]) == 1
+    ),
     "serving.md": lambda ns: len(ns["traces"]) == 1 and _finite(ns["out"]),
     "inversion.md": lambda ns: (
         float(jnp.max(jnp.abs(ns["x0_bdia"] - ns["x0"]))) < 1e-4
