@@ -14,7 +14,7 @@ import numpy as np
 
 from ddim_jax import _padded
 from ddim_jax._config import DDIMConfig
-from ddim_jax._schedule import betas_for_config, inference_timesteps
+from ddim_jax._schedule import betas_for_config, inference_timesteps, previous_timesteps
 from ddim_jax._values import as_int32, is_int_scalar, shown
 
 __all__ = ["DDIMState", "create_state", "set_timesteps"]
@@ -182,11 +182,7 @@ def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
 def _static_schedule(state: DDIMState, timesteps: np.ndarray) -> DDIMState:
     """``state`` with the static schedule ``timesteps`` (host ints, descending) and the previous
     timestep of each step per ``config.prev_timestep_rule``."""
-    config = state.config
-    if config.prev_timestep_rule == "diffusers":
-        prev = timesteps - config.num_train_timesteps // len(timesteps)
-    else:
-        prev = np.append(timesteps[1:], -1)
+    prev = previous_timesteps(state.config, timesteps, len(timesteps))
     return dataclasses.replace(
         state,
         # cast on the host and device_put: jnp.asarray compiles a conversion per new S
