@@ -426,8 +426,10 @@ def run_loop(method: Method, model_fn: ModelFn, state: DDIMState, latents: Any, 
             return out
 
         out = prepared.step(call, carry.method, row)
-        # a stateful guider is only taken by a method that calls the model once per step
-        guider_state = guider_states[-1] if guider_states else carry.guider_state
+        # Only a method that carries a guider's state calls the model once per step, outside
+        # any inner loop; the others take stateless guiders (checked by ModelCall.build).
+        carries = method.supports.no_guider_state is None and guider_states
+        guider_state = guider_states[-1] if carries else carry.guider_state
         return StepOutput(_Carry(out.prev_sample, guider_state), out.pred_original_sample)
 
     steps = Steps(
