@@ -176,8 +176,6 @@ def parallel_sample(
     check_latents("latents", latents, "parallel_sample")
     check_static_bools(use_clipped_model_output=use_clipped_model_output)
     check_loop_options(latents, None, 1)
-    if jnp.shape(latents)[0] == 0:
-        raise ValueError(f"parallel_sample needs at least one example, got latents of shape {latents.shape}")
     runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
     model = ModelCall(
         model_fn,
@@ -268,7 +266,7 @@ def parallel_sample(
             in_window, jnp.sqrt(mean_square)[jnp.clip(window_position, 0, p - 1)], residuals
         )
         return _Carry(
-            begin + stride,
+            (begin + stride).astype(jnp.int32),  # argmin is int64 under jax_enable_x64
             iteration + 1,
             new_guess[stride - 1],
             new_guess[jnp.minimum(offsets + stride, p - 1)],
