@@ -17,8 +17,10 @@ from ddim_jax._noise import key_batch_shape
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._state import DDIMState, check_state
 from ddim_jax._values import (
+    FINITE,
     Interval,
     as_int32,
+    check_bool,
     check_fraction,
     check_in,
     check_positive_int,
@@ -28,6 +30,7 @@ from ddim_jax._values import (
     is_int_scalar,
     is_traced,
     nan_unless,
+    numeric,
     shown,
 )
 
@@ -40,6 +43,7 @@ __all__ = [
     "check_key",
     "check_latents",
     "check_positive_int",
+    "check_bool",
     "check_ready",
     "check_same_shape",
     "check_sample_prediction_start",
@@ -51,12 +55,14 @@ __all__ = [
     "check_timesteps",
     "compute_dtype",
     "ETA",
+    "FINITE",
     "eta_in_range",
     "Interval",
     "is_int_scalar",
     "is_traced",
     "latent_pair",
     "nan_unless",
+    "numeric",
     "per_example",
     "shown",
     "timestep_range",
@@ -101,7 +107,7 @@ def check_timesteps(
 ) -> tuple[jax.Array, bool | jax.Array]:
     """Checks a scalar, per-example ``(batch,)`` or one-element timestep (see
     `check_timestep_shape`) and its range by `check_in`; returns ``(int32 timesteps, valid)``."""
-    timesteps = check_timestep_shape(name, timesteps, sample)
+    timesteps = check_timestep_shape(name, numeric(name, timesteps), sample)
     if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
         raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(timesteps)}")
     valid = check_in(name, timesteps, timestep_range(num_train_timesteps))
@@ -162,6 +168,7 @@ def check_eta(eta: Any, key: Any, variance_noise: Any, batch_shape: tuple[int, .
     check_key(key, batch_shape)
     if key is not None and variance_noise is not None:
         raise ValueError("pass either key or variance_noise, not both")
+    eta = numeric("eta", eta)
     if jnp.ndim(eta) != 0:
         raise ValueError(f"eta must be a scalar, got shape {jnp.shape(eta)}")
     if is_traced(eta):

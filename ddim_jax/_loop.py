@@ -78,9 +78,16 @@ def check_loop_options(latents: Any, callback: Any, callback_every: Any) -> None
         raise TypeError(f"latents must be a float array, got dtype {jnp.result_type(latents)}")
     if jnp.ndim(latents) < 1:
         raise ValueError("latents must have a leading batch axis, got a scalar")
+    if jnp.shape(latents)[0] == 0:
+        raise ValueError(
+            "latents must hold at least one example (a batch axis of length >= 1), "
+            f"got shape {jnp.shape(latents)}"
+        )
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     check_positive_int("callback_every", callback_every)
+    if callback is None and callback_every != 1:
+        raise ValueError(f"callback_every={callback_every} needs a callback (it is the callback's period)")
 
 
 def check_start_step(start_step: Any, num_inference_steps: int) -> int:
@@ -95,15 +102,22 @@ def check_start_step(start_step: Any, num_inference_steps: int) -> int:
     return index
 
 
-def check_runtime_start_step(start_step: Any, num_inference_steps: int | jax.Array) -> jax.Array:
+def check_runtime_start_step(
+    start_step: Any, num_inference_steps: int | jax.Array, max_steps: int | None = None
+) -> jax.Array:
     """A start step that may be traced: an int or an int scalar array, range-checked when both it
-    and S are known in Python; a traced one out of range makes the loop return NaN."""
+    and S are known in Python (against M = ``max_steps`` when only it is: a start step >= M is
+    out of range for every S); a traced one out of range makes the loop return NaN."""
     known = not is_traced(start_step) and not is_traced(num_inference_steps)
-    if not is_int_scalar(start_step) or (known and not 0 <= int(start_step) < int(num_inference_steps)):
-        s = "S" if is_traced(num_inference_steps) else int(num_inference_steps)
-        expected = f"an int in [0, num_inference_steps={s})"
-        raise ValueError(f"start_step must be {expected}, got {shown(start_step)}")
-    return as_int32(start_step)  # saturating: an int64 out of range stays out (schedule_is_valid)
+    bound = num_inference_steps if known or max_steps is None else max_steps
+    if is_int_scalar(start_step) and (
+        is_traced(start_step) or is_traced(bound) or 0 <= int(start_step) < int(bound)
+    ):
+        return as_int32(start_step)  # saturating: an int64 out of range stays out (schedule_is_valid)
+    s = "S" if is_traced(num_inference_steps) else int(num_inference_steps)
+    every = f" <= max_steps={max_steps}" if is_traced(num_inference_steps) and max_steps is not None else ""
+    expected = f"an int in [0, num_inference_steps={s}{every})"
+    raise ValueError(f"start_step must be {expected}, got {shown(start_step)}")
 
 
 def check_unroll(unroll: Any) -> int:
@@ -118,7 +132,7 @@ def check_schedule_options(
     runtime = state.has_runtime_length or is_traced(start_step)
     unroll = check_unroll(unroll)
     if runtime:
-        start = check_runtime_start_step(start_step, state.num_inference_steps)
+        start = check_runtime_start_step(start_step, state.num_inference_steps, state.max_steps)
         check_runtime_options(fn, state, remat)
         return True, start, unroll
     return False, check_start_step(start_step, state.num_inference_steps), unroll

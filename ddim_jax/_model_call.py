@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._guidance import per_example_value
-from ddim_jax._guiders import GuidanceInfo, Guider, cfg
+from ddim_jax._guiders import GuidanceInfo, Guider, cfg, check_guidance_combination
 from ddim_jax._step import GuidedOutput
-from ddim_jax._values import check_same_shape
+from ddim_jax._values import check_same_shape, numeric
 
 __all__ = ["ModelFn", "ModelCall", "Supports"]
 
@@ -114,11 +114,12 @@ class ModelCall(NamedTuple):
             )
         if model_dtype is not None and not jnp.issubdtype(model_dtype, jnp.floating):
             raise TypeError(f"model_dtype must be a float dtype or None, got {model_dtype!r}")
+        check_guidance_combination(guidance_scale, guidance_rescale, guidance_layout, guider)
         if guider is None:
-            if guidance_scale is not None:  # shapes only, no compute
-                per_example_value("guidance_scale", guidance_scale, latents)
-                per_example_value("guidance_rescale", guidance_rescale, latents)
+            if guidance_scale is not None:  # values and shapes, no compute
                 guider = cfg(guidance_scale, guidance_rescale)
+                per_example_value("guidance_scale", numeric("guidance_scale", guidance_scale), latents)
+                per_example_value("guidance_rescale", numeric("guidance_rescale", guidance_rescale), latents)
         else:
             _check_guider(guider, guidance_scale, model_args)
             stateful = jax.tree.leaves(jax.eval_shape(guider.init, latents))

@@ -228,8 +228,6 @@ def _plan(method, state: DDIMState, latents: Any, start_step: Any) -> tuple[Plan
     check_ready(state, "parallel_sample")
     check_latents("latents", latents, "parallel_sample")
     check_loop_options(latents, None, 1)
-    if jnp.shape(latents)[0] == 0:
-        raise ValueError(f"parallel_sample needs at least one example, got latents of shape {latents.shape}")
     runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
     plan = Plan(runtime, start, compute_dtype(latents))
     if runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
@@ -299,7 +297,7 @@ class _Picard(NamedTuple):
             in_window, jnp.sqrt(mean_square)[jnp.clip(window_position, 0, p - 1)], residuals
         )
         return _Carry(
-            begin + stride,
+            (begin + stride).astype(jnp.int32),  # argmin is int64 under jax_enable_x64
             iteration + 1,
             new_guess[stride - 1],
             new_guess[jnp.minimum(offsets + stride, p - 1)],

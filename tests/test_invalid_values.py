@@ -307,9 +307,7 @@ def test_timesteps_range_is_accepted():
 
 def test_parallel_sample_refuses_an_empty_batch():
     """Failed deep inside JAX (a max over an empty axis)."""
-    with pytest.raises(
-        ValueError, match=r"parallel_sample needs at least one example, got latents of shape \(0, 3\)"
-    ):
+    with pytest.raises(ValueError, match=r"latents must hold at least one example .*, got shape \(0, 3\)"):
         parallel_sample(model_fn, static_state(), jnp.zeros((0, 3)))
 
 

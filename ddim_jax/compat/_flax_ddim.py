@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddim_jax
-from ddim_jax._checks import is_traced
+from ddim_jax._checks import check_bool, is_traced
 from ddim_jax._config import CONFIG_FILE, find_config_file, read_config_file
 
 __all__ = ["FlaxDDIMScheduler", "FlaxDDIMSchedulerOutput", "SchedulerConfig"]
@@ -133,6 +133,9 @@ class FlaxDDIMScheduler:
         prev_timestep_rule: str = "diffusers",
     ) -> None:
         if rescale_zero_terminal_snr is not None:
+            # The alias is checked as strictly as the native key (a string "false" is truthy).
+            check_bool("rescale_zero_terminal_snr", rescale_zero_terminal_snr)
+            check_bool("rescale_betas_zero_snr", rescale_betas_zero_snr)
             if rescale_betas_zero_snr and not rescale_zero_terminal_snr:
                 raise ValueError(
                     "rescale_zero_terminal_snr=False contradicts rescale_betas_zero_snr=True: "
