@@ -23,6 +23,7 @@ from ddim_jax._guiders import (
     cfg_pp,
     cfg_zero_star,
     guidance_window,
+    rescaled,
     scale_schedule,
     tangential_cfg,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "invert",
     "parallel_sample",
     "rescale_noise_cfg",
+    "rescaled",
     "sample",
     "scale_model_input",
     "scale_schedule",
