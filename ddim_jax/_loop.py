@@ -32,7 +32,6 @@ from ddim_jax._checks import (
     shown,
 )
 from ddim_jax._model_call import ModelCall, ModelFn, Supports
-from ddim_jax._noise import is_per_example
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepOutput
@@ -145,26 +144,6 @@ def check_runtime_options(fn: str, state: Any, remat: bool) -> None:
         raise ValueError(
             f"{fn}(remat=True) needs a Python int start_step: a traced start_step runs the "
             "runtime-length loop, which reverse-mode autodiff (jax.grad) does not go through"
-        )
-
-
-def check_runtime_key(key: Any) -> None:
-    """The runtime-length loop draws step i's key from ``split(key, M)[i]``, which equals the
-    static loop's ``split(key, S)[i]`` only with partitionable threefry (jax's default)."""
-    if key is None:
-        return
-    if not jax.config.jax_threefry_partitionable:
-        raise ValueError(
-            "a runtime-length sample with key needs jax.config.jax_threefry_partitionable = True "
-            "(the default), so that step i's key split(key, M)[i] equals split(key, S)[i]"
-        )
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
-    if impl == "unsafe_rbg" and is_per_example(key):
-        raise ValueError(
-            "a runtime-length sample cannot take one unsafe_rbg key per example: split under vmap "
-            "gives split(key, M)[i] != split(key, S)[i] for them; pass threefry2x32 or rbg keys, "
-            "or one unsafe_rbg key for the batch"
         )
 
 
@@ -371,9 +350,9 @@ def exact_inversion_method(
     no_split_output: str | None = None,
     **fields,
 ) -> Method:
-    """A `Method` of an exact-inversion loop (EDICT, BDIA): a config whose steps can be undone
-    (no clipping, no thresholding; an inversion's first step not from alpha = 1 with an x0
-    prediction) and stateless guiders; ``fields`` are the other `Method` fields."""
+    """A `Method` of an exact-inversion loop, one that undoes each step algebraically: a config
+    whose steps can be undone (no clipping, no thresholding; an inversion's first step not from
+    alpha = 1 with an x0 prediction) and stateless guiders; ``fields`` are the other fields."""
 
     def check(state: DDIMState) -> None:
         check_invertible_config(state.config, name)

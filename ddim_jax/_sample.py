@@ -18,10 +18,9 @@ from ddim_jax._loop import (
     StepCallback,
     Supports,
     Trajectory,
-    check_runtime_key,
     run_loop,
 )
-from ddim_jax._noise import normal_noise, step_keys
+from ddim_jax._noise import is_per_example, normal_noise, step_keys
 from ddim_jax._state import DDIMState
 from ddim_jax._step import alpha_at, ddim_update, step_coefficients
 
@@ -187,3 +186,23 @@ def ddim_method(supports: Supports, key: Any, eta: Any, use_clipped_model_output
         return Prepared(x, state.timesteps, step, (coefs, keys), valid=eta_in_range(eta))
 
     return Method(supports, "latents", False, prepare)
+
+
+def check_runtime_key(key: Any) -> None:
+    """The runtime-length loop draws step i's key from ``split(key, M)[i]``, which equals the
+    static loop's ``split(key, S)[i]`` only with partitionable threefry (jax's default)."""
+    if key is None:
+        return
+    if not jax.config.jax_threefry_partitionable:
+        raise ValueError(
+            "a runtime-length sample with key needs jax.config.jax_threefry_partitionable = True "
+            "(the default), so that step i's key split(key, M)[i] equals split(key, S)[i]"
+        )
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    if impl == "unsafe_rbg" and is_per_example(key):
+        raise ValueError(
+            "a runtime-length sample cannot take one unsafe_rbg key per example: split under vmap "
+            "gives split(key, M)[i] != split(key, S)[i] for them; pass threefry2x32 or rbg keys, "
+            "or one unsafe_rbg key for the batch"
+        )
