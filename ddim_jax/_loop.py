@@ -23,7 +23,7 @@ from ddim_jax._checks import (
     shown,
 )
 from ddim_jax._guidance import per_example_value
-from ddim_jax._guiders import GuidanceInfo, Guider, cfg, check_guidance_combination
+from ddim_jax._guiders import GuidanceInfo, Guider, ScaleSchedule, cfg, check_guidance_combination
 from ddim_jax._noise import is_per_example
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._step import GuidedOutput, StepOutput
@@ -130,9 +130,10 @@ class ModelCall(NamedTuple):
         check_guidance_combination(scale, rescale, layout, self.guider)
         if self.guider is None:
             if latents is not None and scale is not None:  # values and shapes, no compute
-                cfg(scale, rescale)
-                per_example_value("guidance_scale", numeric("guidance_scale", scale), latents)
-                per_example_value("guidance_rescale", numeric("guidance_rescale", rescale), latents)
+                cfg(scale, rescale)  # the values (a scale_schedule too); then each one's batch
+                for name, value in (("guidance_scale", scale), ("guidance_rescale", rescale)):
+                    if not isinstance(value, ScaleSchedule):
+                        per_example_value(name, numeric(name, value), latents)
             return
         if not isinstance(self.guider, Guider):
             raise TypeError(
