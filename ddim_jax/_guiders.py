@@ -88,6 +88,9 @@ class Guider(NamedTuple):
         `guidance_window`).
       conditional_args: the positions in ``model_args`` holding conditioning for the doubled
         batch; where ``active`` is False the model sees their conditional half alone.
+      valid: True, or the traced verdict on the guider's parameters (the bad-input rule: False
+        makes ``apply``'s output NaN; a `guidance_window` guides then, so that the NaN shows
+        even where it would not guide).
 
     Example (a guider of your own: CFG on the conditional output's side):
       >>> import jax.numpy as jnp
@@ -103,6 +106,7 @@ class Guider(NamedTuple):
     apply: Callable[[Any, jax.Array, jax.Array, GuidanceInfo], tuple[Any, Any]]
     active: Callable[[GuidanceInfo], jax.Array] | None = None
     conditional_args: tuple[int, ...] = ()
+    valid: bool | jax.Array = True
 
 
 class ScaleSchedule(NamedTuple):
@@ -233,7 +237,7 @@ def rescaled(guider: Guider, guidance_rescale: Any = 0.7) -> Guider:
             )
         return nan_unless(valid, _rescaled(guided, cond, guidance_rescale, info)), state
 
-    return guider._replace(apply=apply)
+    return guider._replace(apply=apply, valid=guider.valid & valid)
 
 
 def cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
@@ -263,7 +267,7 @@ def cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
         flat = lambda v: v if isinstance(v, (int, float)) else jnp.reshape(v, jnp.shape(v)[:1])  # noqa: E731
         return nan_unless(valid, classifier_free_guidance(uncond, cond, flat(w), flat(phi))), state
 
-    return Guider(_stateless, apply)
+    return Guider(_stateless, apply, valid=valid)
 
 
 def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_rescale: Any = 0.0) -> Guider:
@@ -303,7 +307,7 @@ def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_
             guided = jnp.where(info.step < zero_init_steps, jnp.zeros_like(guided), guided)
         return nan_unless(valid, guided), state
 
-    return rescaled(Guider(_stateless, apply), guidance_rescale)
+    return rescaled(Guider(_stateless, apply, valid=valid), guidance_rescale)
 
 
 def apg(
@@ -368,7 +372,7 @@ def apg(
         guided = uncond + _value("guidance_scale", guidance_scale, info, cond) * update
         return nan_unless(valid, guided), state
 
-    return rescaled(Guider(init, apply), guidance_rescale)
+    return rescaled(Guider(init, apply, valid=valid), guidance_rescale)
 
 
 def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
@@ -404,7 +408,7 @@ def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Gu
         guided = projected + _value("guidance_scale", guidance_scale, info, cond) * (cond - projected)
         return nan_unless(valid, guided), state
 
-    return rescaled(Guider(_stateless, apply), guidance_rescale)
+    return rescaled(Guider(_stateless, apply, valid=valid), guidance_rescale)
 
 
 def cfg_pp(guidance_scale: Any = 0.6) -> Guider:
@@ -436,7 +440,7 @@ def cfg_pp(guidance_scale: Any = 0.6) -> Guider:
         out = GuidedOutput(uncond, guided) if inverse else GuidedOutput(guided, uncond)
         return nan_unless(valid, out), state
 
-    return Guider(_stateless, apply)
+    return Guider(_stateless, apply, valid=valid)
 
 
 # A window's product f S is taken as the integer it is within this relative float32 round-off
@@ -520,11 +524,14 @@ def guidance_window(
     for name, value in [("start", start), ("stop", stop)]:
         if jnp.ndim(numeric(name, value)) != 0:
             raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    valid = check_in("start", start, Interval(0, 1, high_open=True))
+    # Checked as the float32 values the window computes with (0.9999999999999999 is 1 there).
+    start, stop = (v if is_traced(v) else np.float32(v) for v in (start, stop))
+    valid = check_in("start", start, Interval(0, 1, high_open=True), " (as float32)")
     valid = valid & check_in("stop", stop, Interval(0, 1), " (and >= start)")
     if not is_traced(start) and not is_traced(stop) and float(stop) < float(start):
         raise ValueError(f"stop must be in [start, 1], got start={float(start)}, stop={float(stop)}")
     valid = valid & (jnp.asarray(start <= stop) if is_traced(start) or is_traced(stop) else True)
+    valid = valid & guider.valid
     if not isinstance(conditional_args, tuple) or not all(
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in conditional_args
     ):
@@ -534,11 +541,12 @@ def guidance_window(
         inside = (_window_step(start, info.num_steps) <= info.step) & (
             info.step < _window_step(stop, info.num_steps)
         )
-        inside = inside | ~jnp.asarray(valid)  # an invalid traced window guides (to NaN, below)
+        inside = inside | ~jnp.asarray(valid)  # an invalid traced window or guider guides (to NaN)
         return inside if guider.active is None else inside & guider.active(info)
 
     def apply(state, uncond, cond, info):
         guided, state = guider.apply(state, uncond, cond, info)
         return nan_unless(valid, guided), state
 
-    return Guider(guider.init, apply, active, tuple(sorted(set(guider.conditional_args + conditional_args))))
+    positions = tuple(sorted(set(guider.conditional_args + conditional_args)))
+    return Guider(guider.init, apply, active, positions, valid)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._guidance import per_example_value
-from ddim_jax._guiders import GuidanceInfo, Guider, cfg, check_guidance_combination
+from ddim_jax._guiders import GuidanceInfo, Guider, ScaleSchedule, cfg, check_guidance_combination
 from ddim_jax._step import GuidedOutput
 from ddim_jax._values import check_same_shape, numeric
 
@@ -117,9 +117,13 @@ class ModelCall(NamedTuple):
         check_guidance_combination(guidance_scale, guidance_rescale, guidance_layout, guider)
         if guider is None:
             if guidance_scale is not None:  # values and shapes, no compute
-                guider = cfg(guidance_scale, guidance_rescale)
-                per_example_value("guidance_scale", numeric("guidance_scale", guidance_scale), latents)
-                per_example_value("guidance_rescale", numeric("guidance_rescale", guidance_rescale), latents)
+                guider = cfg(guidance_scale, guidance_rescale)  # the values (a scale_schedule too)
+                for name, value in (
+                    ("guidance_scale", guidance_scale),
+                    ("guidance_rescale", guidance_rescale),
+                ):
+                    if not isinstance(value, ScaleSchedule):  # then each one's batch
+                        per_example_value(name, numeric(name, value), latents)
         else:
             _check_guider(guider, guidance_scale, model_args)
             stateful = jax.tree.leaves(jax.eval_shape(guider.init, latents))

@@ -83,7 +83,7 @@ def compute_dtype(*arrays: Any) -> jnp.dtype:
 
 def check_fraction(name: str, value: Any, *, allow_zero: bool) -> bool | jax.Array:
     """A scalar in (0, 1] (or [0, 1]), by `check_in`: True, or a traced verdict for `nan_unless`."""
-    if jnp.ndim(value) != 0:
+    if jnp.ndim(numeric(name, value)) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
     return check_in(name, value, Interval(0, 1, low_open=not allow_zero))
 
