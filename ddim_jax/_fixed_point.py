@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     Interval,
-    check_in,
     check_latents,
     check_ready,
     check_sample_prediction_start,
@@ -58,9 +57,10 @@ def check_iterations(iterations: Any) -> tuple[int | jax.Array, bool | jax.Array
     """``(count, valid)`` for an int in [1, `MAX_ITERATIONS`], a Python int or a traced int
     scalar: a known one outside raises a ValueError; a traced one gives ``valid`` False (NaN
     outputs) and a count clipped into range, so the loop stays bounded."""
-    if not is_int_scalar(iterations):
-        raise ValueError(f"iterations must be an int in [1, {MAX_ITERATIONS}], got {shown(iterations)}")
-    valid = check_in("iterations", iterations, Interval(1, MAX_ITERATIONS))
+    allowed = Interval(1, MAX_ITERATIONS)
+    if not is_int_scalar(iterations) or not (is_traced(iterations) or allowed.holds(int(iterations))):
+        raise ValueError(f"iterations must be an int in {allowed}, got {shown(iterations)}")
+    valid = jnp.all(allowed.holds(iterations)) if is_traced(iterations) else True
     if is_traced(iterations):
         return jnp.clip(iterations, 1, MAX_ITERATIONS).astype(jnp.int32), valid
     return int(iterations), valid
