@@ -44,7 +44,7 @@ SAMPLING_CALLS = {"ddim": 1, "edict": 2, "bdia": 1, "fixed point": 1}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def epsilon_held_slope(coef):
+def epsilon_held_slope(config, coef):
     """The ablation: d(sampler step)/d(sample) with epsilon held fixed, sqrt(a_prev / a_t)
     (each iteration then is ``inverse_step(z_t, eps(z_next))``, ReNoise's update)."""
     return coef.sqrt_alpha_prev * coef.inv_sqrt_alpha

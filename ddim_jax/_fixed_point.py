@@ -74,16 +74,17 @@ class SolveTables(NamedTuple):
     inv_slope: jax.Array  # 1 / `sampler_slope`
 
 
-def sampler_slope(coef: StepCoefficients) -> jax.Array:
+def sampler_slope(config: DDIMConfig, coef: StepCoefficients) -> jax.Array:
     """How far the sampler's deterministic step moves its result per unit of its input sample
-    with the model's velocity v held fixed: sqrt(a_t a_prev) + sqrt((1 - a_t)(1 - a_prev)),
-    the cosine of the angle between the two noise levels (with x0 = sqrt(a) z - sqrt(1 - a) v
-    and eps = sqrt(a) v + sqrt(1 - a) z, the step is affine in z for every prediction type).
+    z, with the model's prediction held fixed (the step is affine in z then): sqrt(a_prev / a_t)
+    for an epsilon model; for v and x0 models, with v held fixed, sqrt(a_t a_prev) +
+    sqrt((1 - a_t)(1 - a_prev)), the cosine of the angle between the two noise levels.
 
-    Holding v fixed rather than the model's own output: an x0 model's output follows z at low
-    noise and an epsilon model's at high noise, so holding either fixed there diverges or
-    stalls; v changes slowly at every noise level (measured in docs/inversion.md).
+    An x0 model's output follows z at low noise, so holding it fixed there diverges; v changes
+    slowly at every noise level (the ablation in benchmarks/fixed_point_inversion.py).
     """
+    if config.prediction_type == "epsilon":
+        return coef.sqrt_alpha_prev * coef.inv_sqrt_alpha
     return coef.sqrt_alpha_prev * coef.sqrt_alpha + coef.direction * coef.sqrt_one_minus
 
 
@@ -91,7 +92,7 @@ def solve_tables(config: DDIMConfig, alpha_source: Any, alpha_target: Any) -> So
     """Every step's `SolveTables` at once, from the alphas at t and t_next (one per step)."""
     sampler = _inverse_coefficients(config, alpha_target, alpha_source)  # a deterministic t_next -> t
     return SolveTables(
-        _inverse_coefficients(config, alpha_source, alpha_target), sampler, 1 / sampler_slope(sampler)
+        _inverse_coefficients(config, alpha_source, alpha_target), sampler, 1 / sampler_slope(config, sampler)
     )
 
 
@@ -100,7 +101,8 @@ def solve_update(
 ) -> StepOutput:
     """One fixed-point update of the target sample ``z`` (``model_output`` evaluated at ``z``):
     ``z + (z_source - sample_step(z)) / sampler_slope``: the z_next whose sampler step lands
-    on ``z_source`` if the model's velocity at z_next were the one at ``z``.
+    on ``z_source`` if the model's prediction at z_next were the one at ``z`` (for an epsilon
+    model, ``inverse_step(z_source, eps(z))``).
 
     Returns the new ``z`` and the sampler's x0 prediction at the old one.
     """
