@@ -49,8 +49,9 @@ from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, ddim_update
 __all__ = ["MAX_ITERATIONS", "fixed_point_invert"]
 
 MAX_ITERATIONS = 100
-"""The largest ``iterations``: on the tests' models and the demo UNet the solve reaches float32
-round-off within 10 (docs/inversion.md); the bound keeps a traced count from running unbounded."""
+"""The largest ``iterations``. On the demo UNet every step but the first (from the clean x0)
+reaches float32 round-off within 10 (docs/inversion.md); the bound keeps a traced count from
+running unbounded."""
 
 
 def check_iterations(iterations: Any) -> tuple[int | jax.Array, bool | jax.Array]:
