@@ -170,7 +170,7 @@ def fixed_point_invert(
       >>> import jax.numpy as jnp
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, invert, fixed_point_invert, sample
       >>> state = set_timesteps(create_state(DDIMConfig(clip_sample=False)), 10)
-      >>> model_fn = lambda x, t: jnp.tanh(x)
+      >>> model_fn = lambda x, t: jnp.tanh(0.5 * x)
       >>> x0 = jnp.full((1, 2), 0.3)
       >>> ddim_error = jnp.abs(sample(model_fn, state, invert(model_fn, state, x0)) - x0).max()
       >>> x_T = fixed_point_invert(model_fn, state, x0, iterations=10)
