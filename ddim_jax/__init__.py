@@ -12,6 +12,7 @@ Example:
 from ddim_jax._bdia import BDIALatents, bdia_invert, bdia_sample
 from ddim_jax._config import DDIMConfig
 from ddim_jax._edict import EDICTLatents, edict_invert, edict_sample
+from ddim_jax._fixed_point import fixed_point_invert
 from ddim_jax._forward import add_noise, get_velocity, scale_model_input
 from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._guiders import (
@@ -63,6 +64,7 @@ __all__ = [
     "create_state",
     "edict_invert",
     "edict_sample",
+    "fixed_point_invert",
     "get_velocity",
     "guidance_window",
     "inverse_step",
