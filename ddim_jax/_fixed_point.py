@@ -7,7 +7,7 @@ round trip drifts. Here each step solves the sampler's equation
 from DDIM inversion's estimate (ReNoise, Garibi et al. 2024; AIDI, Pan et al. 2023).
 
 The method's own parts are `check_iterations`, `solve_tables`, `solve_update` and
-`fixed_point_step`; `fixed_point_invert` puts them on the shared loop machinery as `invert` does.
+`fixed_point_step`; `fixed_point_invert` runs them as a `Method` on the shared driver (`run_loop`).
 """
 
 from __future__ import annotations
@@ -18,30 +18,20 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import (
-    Interval,
-    check_latents,
-    check_ready,
-    check_sample_prediction_start,
-    check_static_bools,
-    compute_dtype,
-    is_int_scalar,
-    is_traced,
-    nan_unless,
-    shown,
-)
+from ddim_jax._checks import Interval, check_sample_prediction_start, is_int_scalar, is_traced, shown
 from ddim_jax._config import DDIMConfig
 from ddim_jax._guiders import Guider
 from ddim_jax._inversion import _inverse_coefficients, _inverse_update
 from ddim_jax._loop import (
-    ModelCall,
+    LoopOptions,
+    Method,
     ModelFn,
+    Plan,
+    Prepared,
     StepCallback,
+    Supports,
     Trajectory,
-    check_loop_options,
-    check_schedule_options,
-    loop_order,
-    run_steps,
+    run_loop,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, ddim_update
@@ -177,48 +167,30 @@ def fixed_point_invert(
       >>> bool(jnp.abs(sample(model_fn, state, x_T) - x0).max() < 1e-3 * ddim_error)
       True
     """
-    check_ready(state, "fixed_point_invert")
-    check_latents("x0", x0, "fixed_point_invert")
-    check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    check_loop_options(x0, callback, callback_every)
-    count, valid = check_iterations(iterations)
-    runtime, start, unroll = check_schedule_options("fixed_point_invert", state, start_step, remat, unroll)
-    model = ModelCall(
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        model_dtype,
-        guider,
-        state,
-        "fixed_point_invert",  # a stateless guider, info.inverse False, split outputs allowed
-    )
-    model.check(x0)
-    config = state.config
-    check_sample_prediction_start(config, "fixed_point_invert")
-    dtype = compute_dtype(x0)
-    # The step to t_next starts from the sampler's previous timestep of t_next, as `sample` ends there.
-    timesteps, sources = loop_order((state.timesteps, state.prev_timesteps), runtime, start, reverse=True)
-    alpha_source, alpha_target = (alpha_at(state, t).astype(dtype) for t in (sources, timesteps))
-    tables = solve_tables(config, alpha_source, alpha_target)
+    return run_loop(_fixed_point_method(iterations), model_fn, state, x0, LoopOptions.of(locals()))
 
-    def update(x, step_inputs):
-        t, step_tables = step_inputs
-        return fixed_point_step(lambda z: model(z, t), config, step_tables, x, count)
 
-    result = run_steps(
-        update,
-        jnp.asarray(x0, dtype),
-        (timesteps, tables),
-        state,
-        runtime=runtime,
-        start=start,
-        reverse=True,
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
-        unroll=unroll,
+def _fixed_point_method(iterations: Any) -> Method:
+    """Fixed-point inversion as a `Method`: `fixed_point_step` at each entry, last to first."""
+    supports = Supports(
+        "fixed_point_invert",
+        no_guider_state="each step calls the model 1 + iterations times at one noise level",
     )
-    return nan_unless(valid, result)
+
+    def check(state: DDIMState) -> None:
+        check_sample_prediction_start(state.config, supports.name)
+
+    def prepare(state: DDIMState, x0: Any, plan: Plan) -> Prepared:
+        count, valid = check_iterations(iterations)
+        config, dtype = state.config, plan.dtype
+        # The step to t_next starts from the sampler's previous timestep of t_next, as `sample` ends there.
+        alpha_source = alpha_at(state, state.prev_timesteps).astype(dtype)
+        alpha_target = alpha_at(state, state.timesteps).astype(dtype)
+        tables = solve_tables(config, alpha_source, alpha_target)
+
+        def step(model, x, row):
+            return fixed_point_step(model, config, row, x, count)
+
+        return Prepared(jnp.asarray(x0, dtype), state.timesteps, step, tables, valid=valid)
+
+    return Method(supports, "x0", True, prepare, check=check)
