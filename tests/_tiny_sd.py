@@ -32,7 +32,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def load_sd_example():
     """``examples/stable_diffusion.py`` as a module (its tiny configs and fast random init)."""
-    spec = importlib.util.spec_from_file_location("stable_diffusion", ROOT / "examples" / "stable_diffusion.py")
+    spec = importlib.util.spec_from_file_location(
+        "stable_diffusion", ROOT / "examples" / "stable_diffusion.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,7 +72,12 @@ def tiny_text_encoder(vocab_size: int):
 def build_tiny_pipeline(folder: Path) -> Path:
     """Saves a tiny ``FlaxStableDiffusionPipeline`` (diffusers' Flax DDIM scheduler at SD-1.5's
     settings, no safety checker) to ``folder`` and returns it."""
-    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel
+    from diffusers import (
+        FlaxAutoencoderKL,
+        FlaxDDIMScheduler,
+        FlaxStableDiffusionPipeline,
+        FlaxUNet2DConditionModel,
+    )
     from transformers import CLIPTokenizer
 
     sd = load_sd_example()
