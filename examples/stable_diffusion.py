@@ -212,7 +212,7 @@ def check_args(args: argparse.Namespace) -> ddim_jax.DDIMConfig:
         raise UsageError("pass --prompt or --prompt-embeds, not both")
     if args.negative_embeds and not args.prompt_embeds:
         raise UsageError("--negative-embeds goes with --prompt-embeds")
-    for flag in ("prompt_embeds", "negative_embeds", "init_image"):
+    for flag in ("prompt_embeds", "negative_embeds", "init_image", "latents"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path!r} is not a file")
@@ -404,6 +404,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--latents", help=".npy initial latents (batch, 4, h, w), instead of drawing them")
     parser.add_argument("--init-image", help="image-to-image: the starting image")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     parser.add_argument(
@@ -451,7 +452,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     k_noise, k_image = jax.random.split(jax.random.key(args.seed))
-    noise = jax.random.normal(k_noise, (b, 4, models.latent_size, models.latent_size))
+    shape = (b, 4, models.latent_size, models.latent_size)
+    if args.latents:
+        noise = jnp.asarray(np.load(args.latents), jnp.float32)
+        if noise.shape != shape:
+            raise UsageError(f"--latents must have shape {shape} (--batch, 4, h, w), got {noise.shape}")
+    else:
+        noise = jax.random.normal(k_noise, shape)
     image_to_image = args.init_image is not None
     init = (
         jnp.broadcast_to(encode_image(models, args.init_image, k_image), noise.shape)

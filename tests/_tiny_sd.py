@@ -52,10 +52,10 @@ def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab, merges_file
 
 
-def tiny_text_encoder(vocab_size: int):
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+def tiny_text_config(vocab_size: int):
+    from transformers import CLIPTextConfig
 
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=32,  # the tiny UNet's cross_attention_dim
         intermediate_size=37,
@@ -66,7 +66,6 @@ def tiny_text_encoder(vocab_size: int):
         eos_token_id=1,
         pad_token_id=1,
     )
-    return FlaxCLIPTextModel(config, seed=0)
 
 
 def build_tiny_pipeline(folder: Path) -> Path:
@@ -78,12 +77,12 @@ def build_tiny_pipeline(folder: Path) -> Path:
         FlaxStableDiffusionPipeline,
         FlaxUNet2DConditionModel,
     )
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, FlaxCLIPTextModel
 
     sd = load_sd_example()
     vocab, merges = write_tokenizer_files(folder / "_tokenizer_files")
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=PROMPT_LENGTH)
-    text_encoder = tiny_text_encoder(len(tokenizer))
+    text_encoder = FlaxCLIPTextModel(tiny_text_config(len(tokenizer)), seed=0)
     unet = FlaxUNet2DConditionModel(**sd.TINY_UNET)
     vae = FlaxAutoencoderKL(**sd.TINY_VAE)
     scheduler = FlaxDDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -104,6 +103,37 @@ def build_tiny_pipeline(folder: Path) -> Path:
     }
     pipe.save_pretrained(folder, params=params)
     return folder
+
+
+def build_tiny_torch_pipeline(folder: Path):
+    """The same tiny parts in torch (random weights): diffusers' ``StableDiffusionPipeline``
+    with the seed document's swap, ``DDIMScheduler.from_config(pipe.scheduler.config,
+    rescale_betas_zero_snr=True, timestep_spacing="trailing")`` on a v-prediction config,
+    saved to ``folder`` (PyTorch weights); returns the pipeline."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    sd = load_sd_example()
+    torch.manual_seed(0)
+    vocab, merges = write_tokenizer_files(folder / "_tokenizer_files")
+    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=PROMPT_LENGTH)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**sd.TINY_VAE),
+        text_encoder=CLIPTextModel(tiny_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**sd.TINY_UNET),
+        scheduler=DDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    pipe.save_pretrained(folder)
+    return pipe
 
 
 def context_for(pipe, params, prompt_ids: np.ndarray) -> np.ndarray:

@@ -192,3 +192,38 @@ def test_a_prompt_runs_through_the_folders_flax_clip_text_encoder(tmp_path):
     expected = _tiny_sd.context_for(pipe, params, pipe.prepare_inputs(["a red fox"]))
     np.testing.assert_allclose(np.stack([negative, positive]), expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(negative, positive)
+
+
+def test_the_seed_example_in_torch_and_in_this_example_agree(tmp_path):
+    """The seed document's snippet (trailing + zero-SNR DDIM swapped in by ``from_config``,
+    ``guidance_rescale=0.7``) run by diffusers' torch ``StableDiffusionPipeline`` and by this
+    example on the same tiny random weights (the example converts the saved PyTorch folder) and
+    the same initial latents: the final latents agree to float32 differences between the two
+    frameworks' UNet/CLIP kernels."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "FlaxCLIPTextModel"):
+        pytest.skip("needs transformers' Flax CLIP (transformers < 5)")
+    import _tiny_sd
+
+    pipe = _tiny_sd.build_tiny_torch_pipeline(tmp_path / "model")
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    prompt, steps = "a red fox", 4
+    with torch.no_grad():
+        expected = pipe(
+            prompt, num_inference_steps=steps, guidance_scale=7.5, guidance_rescale=0.7,
+            latents=torch.from_numpy(latents), output_type="latent",
+        ).images.numpy()  # fmt: skip
+    out = sd.main(
+        ["--model-dir", str(tmp_path / "model"), "--prompt", prompt, "--steps", str(steps),
+         "--guidance-rescale", "0.7", "--dtype", "float32", "--latents", str(tmp_path / "latents.npy"),
+         "--out", str(tmp_path / "fox.png")]
+    )  # fmt: skip
+    config = out["models"].scheduler
+    assert (config.timestep_spacing, config.rescale_betas_zero_snr, config.prediction_type) == (
+        "trailing", True, "v_prediction",
+    )  # fmt: skip
+    error = float(np.linalg.norm(out["latents"] - expected) / np.linalg.norm(expected))
+    print(f"\nseed example, {steps} steps: torch pipeline vs examples/stable_diffusion.py {error:.1e}")
+    assert error < 1e-4
