@@ -56,7 +56,7 @@ class SchedulerConfig(dict):
             raise AttributeError(f"'SchedulerConfig' object has no attribute {name!r}") from None
 
     def _read_only(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("SchedulerConfig is read-only: make a new scheduler with from_config(config, **changes)")
+        raise TypeError("SchedulerConfig is read-only: make a scheduler with from_config(config, **changes)")
 
     __setitem__ = __delitem__ = __setattr__ = update = pop = popitem = setdefault = clear = _read_only
 
@@ -99,7 +99,7 @@ class FlaxDDIMSchedulerOutput(NamedTuple):
         return tuple(self)
 
     def items(self) -> tuple[tuple[str, Any], ...]:
-        return tuple(zip(self._fields, self))
+        return tuple(zip(self._fields, self, strict=True))
 
 
 class CommonSchedulerState(NamedTuple):
@@ -494,6 +494,9 @@ def _diffusers_subclass() -> type | None:
         from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin
     except ImportError:  # diffusers without its Flax classes
         return None
-    namespace = {"__module__": "diffusers.schedulers.scheduling_ddim_flax", "__doc__": FlaxDDIMScheduler.__doc__}
+    namespace = {
+        "__module__": "diffusers.schedulers.scheduling_ddim_flax",
+        "__doc__": FlaxDDIMScheduler.__doc__,
+    }
     _SUBCLASS.append(type("FlaxDDIMScheduler", (FlaxDDIMScheduler, FlaxSchedulerMixin), namespace))
     return _SUBCLASS[0]
