@@ -44,7 +44,11 @@ def _reference(num_steps, start, x, key, eta, scale, cond, *, layout, static_ste
     else:
         state = set_timesteps(BASE, num_steps, max_steps=M)
     fn, args = (model_fn, (0.7,)) if cond is None else (cond_model_fn, (0.7, cond))
-    kwargs = {} if scale is None else dict(guidance_scale=scale, guidance_layout=layout)
+    kwargs = (
+        {}
+        if scale is None
+        else dict(guidance_scale=scale[0], guidance_rescale=scale[1], guidance_layout=layout)
+    )
     return sample(fn, state, x, key=key, eta=eta, model_args=args, start_step=start, **kwargs)[0]
 
 
@@ -64,7 +68,8 @@ def reference(req: Request, *, uncond=None, guided=False, layout="concat", stati
         cond = jnp.concatenate([u, cond]) if layout == "concat" else jnp.stack([u, cond], 1)[0]
     out = _reference(
         jnp.int32(req.num_steps), jnp.int32(req.start_step), x, step_key[None], jnp.float32(req.eta),
-        jnp.float32([req.guidance_scale]) if guided else None, cond, layout=layout,
+        (jnp.float32([req.guidance_scale]), jnp.float32([req.guidance_rescale])) if guided else None, cond,
+        layout=layout,
         static_steps=(req.num_steps, req.start_step) if static else None,
     )  # fmt: skip
     return np.asarray(out)
@@ -89,6 +94,7 @@ def random_requests(n, seed, *, cond=False, guided=False, img2img=True):
                 extra["uncond"] = rng.normal(size=COND).astype(np.float32)
         if guided:
             extra["guidance_scale"] = float(rng.uniform(0, 8))
+            extra["guidance_rescale"] = float(rng.choice([0.0, 0.7]))
         eta = float(rng.choice([0.0, 0.5, 1.0]))
         requests.append(Request(s, jax.random.key(1000 * seed + i), eta=eta, **extra))
     return requests
@@ -222,6 +228,7 @@ REFUSED = [
     (dict(guidance_scale=None), ValueError, "guidance_scale"),
     (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+    (dict(guidance_rescale=1.5), ValueError, "guidance_rescale"),
     (dict(cond=None), ValueError, "cond"),
     (dict(cond=np.zeros(4, np.float32)), ValueError, "cond"),
     (dict(uncond=np.zeros((1, 3), np.float32)), ValueError, "uncond"),
