@@ -4,6 +4,7 @@ requests refused at submit, traced-bad ones NaN in their slot only, cancel, no r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -387,3 +388,32 @@ def test_sharded_engine_equals_one_device_and_its_tick_moves_no_data(layout):
     assert not [name for name in COLLECTIVES if name in text]
     with pytest.raises(ValueError, match="slots"):
         Engine(model_fn, CONFIG, slots=4, latent_shape=SHAPE, max_steps=M, mesh=mesh)
+
+
+def test_legacy_keys_and_a_bfloat16_model():
+    """A legacy uint32 key is the typed key's data (same result); ``model_dtype`` casts the
+    model's input as `sample`'s does, the carry staying float32."""
+    request = Request(4, jax.random.key(3), eta=0.5)
+    engine = Engine(
+        model_fn,
+        CONFIG,
+        slots=2,
+        latent_shape=SHAPE,
+        max_steps=M,
+        model_args=(0.7,),
+        model_dtype=jnp.bfloat16,
+    )
+    typed, legacy = (
+        engine.submit(request),
+        engine.submit(dataclasses.replace(request, key=jax.random.PRNGKey(3))),
+    )
+    engine.run_until_idle()
+    np.testing.assert_array_equal(typed.result(), legacy.result())
+    assert typed.result().dtype == np.float32
+    noise_key, step_key = jax.random.split(request.key)
+    x_T = jax.random.normal(noise_key, SHAPE)[None]
+    state = set_timesteps(BASE, 4)
+    expected = sample(
+        model_fn, state, x_T, key=step_key[None], eta=0.5, model_args=(0.7,), model_dtype=jnp.bfloat16
+    )[0]
+    np.testing.assert_allclose(typed.result(), expected, rtol=1e-5, atol=1e-5)
