@@ -214,11 +214,11 @@ def check_sample_prediction_start(config: Any, fn: str) -> None:
 def check_latents(name: str, latents: Any, fn: str) -> None:
     """One latents array: a coupled pair (`EDICTLatents`, `BDIALatents`) or a Python sequence
     gets a TypeError that says what to pass instead."""
-    if hasattr(latents, "_fields"):  # EDICTLatents, BDIALatents
+    if hasattr(latents, "_fields"):  # a coupled pair: its class names the loops it goes with
         kind = type(latents).__name__
         raise TypeError(
             f"{fn} takes {name} as one array, got a {kind} pair: "
-            f"{kind} come from and go to {_PAIR_LOOPS.get(kind, 'its own loop')}"
+            f"{kind} come from and go to {getattr(type(latents), 'loops', 'its own loop')}"
         )
     if isinstance(latents, (list, tuple, range)):
         raise TypeError(
@@ -227,20 +227,18 @@ def check_latents(name: str, latents: Any, fn: str) -> None:
         )
 
 
-_PAIR_LOOPS = {"EDICTLatents": "edict_invert / edict_sample", "BDIALatents": "bdia_invert / bdia_sample"}
-
-
-def latent_pair(latents: Any, names: tuple[str, str]) -> tuple[Any, Any] | None:
-    """The two arrays of a coupled-latents pair (a 2-sequence, or the loop's own NamedTuple),
-    or None for a single array; another loop's pair gets a TypeError."""
+def latent_pair(latents: Any, pair: type) -> tuple[Any, Any] | None:
+    """The two arrays of a coupled-latents ``pair`` (a 2-sequence, or the ``pair`` NamedTuple
+    itself), or None for a single array; another loop's pair gets a TypeError."""
     if not isinstance(latents, (tuple, list)):
         return None
+    names = pair._fields
     fields = getattr(latents, "_fields", names)
     if tuple(fields) != tuple(names):
-        expected = "EDICTLatents" if tuple(names) == ("x", "y") else "BDIALatents"
+        other = getattr(type(latents), "loops", "another loop")
         raise TypeError(
-            f"latents must be one array or {expected}{tuple(names)}, got a {type(latents).__name__}: "
-            f"it comes from {_PAIR_LOOPS.get(type(latents).__name__, 'another loop')}, whose steps differ"
+            f"latents must be one array or {pair.__name__}{tuple(names)}, got a {type(latents).__name__}: "
+            f"it comes from {other}, whose steps differ"
         )
     if len(latents) != 2:
         raise ValueError(f"latents must be one array or a pair {names}, got a sequence of {len(latents)}")

@@ -34,6 +34,7 @@ __all__ = [
     "cfg_pp",
     "cfg_zero_star",
     "guidance_window",
+    "rescaled",
     "scale_schedule",
     "tangential_cfg",
 ]
@@ -201,6 +202,44 @@ def _rescaled(guided: jax.Array, cond: jax.Array, guidance_rescale: Any, info: G
     return rescale_noise_cfg(guided, cond, jnp.reshape(phi, jnp.shape(phi)[:1]))
 
 
+def rescaled(guider: Guider, guidance_rescale: Any = 0.7) -> Guider:
+    """Guidance rescale (Lin et al. 2023, Sec. 3.4) around any guider: its output's standard
+    deviation, per example, pulled towards the conditional output's by phi.
+
+    ``cfg(w, phi)`` is CFG then this rescale, as diffusers' ``guidance_rescale``; the other
+    guiders' ``guidance_rescale=phi`` is ``rescaled(guider, phi)``, and so is a guider of your
+    own. A window or a conditional-args setting of the wrapped guider is kept.
+
+    Args:
+      guider: the `Guider` whose output is rescaled (one array per step, not a `GuidedOutput`).
+      guidance_rescale: phi in [0, 1]; a scalar, one per example ``(batch,)``, or a
+        `scale_schedule`. 0 leaves the output unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import Guider, rescaled
+      >>> double = Guider(lambda latents: (), lambda state, u, c, info: (2 * c, state))
+      >>> cond = jnp.array([[1.0, -1.0]])
+      >>> out, _ = rescaled(double, 1.0).apply((), cond, cond, None)  # std pulled back to cond's
+      >>> out.tolist()
+      [[1.0, -1.0]]
+    """
+    if not isinstance(guider, Guider):
+        raise TypeError(f"guider must be a Guider, got {type(guider).__name__}")
+    (guidance_rescale,), valid = _params(guidance_rescale=(guidance_rescale, PHI))
+
+    def apply(state, uncond, cond, info):
+        guided, state = guider.apply(state, uncond, cond, info)
+        if isinstance(guided, GuidedOutput):
+            raise ValueError(
+                "rescaled: the guider returned a GuidedOutput (CFG++), which has no one guided "
+                "output to rescale"
+            )
+        return nan_unless(valid, _rescaled(guided, cond, guidance_rescale, info)), state
+
+    return guider._replace(apply=apply, valid=guider.valid & valid)
+
+
 def cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
     """Classifier-free guidance ``uncond + w (cond - uncond)``, then guidance rescale phi.
 
@@ -253,9 +292,7 @@ def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_
       >>> guided.tolist()  # s = 2: 2 * uncond + 3 * (cond - 2 * uncond)
       [[2.0, 3.0]]
     """
-    (guidance_scale, guidance_rescale), valid = _params(
-        guidance_scale=(guidance_scale, FINITE), guidance_rescale=(guidance_rescale, PHI)
-    )
+    (guidance_scale,), valid = _params(guidance_scale=(guidance_scale, FINITE))
     zero_init_steps = numeric("zero_init_steps", zero_init_steps)
     if jnp.ndim(zero_init_steps) != 0 or not jnp.issubdtype(jnp.result_type(zero_init_steps), jnp.integer):
         raise TypeError(f"zero_init_steps must be an int scalar, got {shown(zero_init_steps)}")
@@ -269,9 +306,9 @@ def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_
         guided = scaled + w * (cond - scaled)
         if info is not None:
             guided = jnp.where(info.step < zero_init_steps, jnp.zeros_like(guided), guided)
-        return nan_unless(valid, _rescaled(guided, cond, guidance_rescale, info)), state
+        return nan_unless(valid, guided), state
 
-    return Guider(_stateless, apply, valid=valid)
+    return rescaled(Guider(_stateless, apply, valid=valid), guidance_rescale)
 
 
 def apg(
@@ -307,11 +344,10 @@ def apg(
       >>> [round(v, 3) for v in guided[0].tolist()]  # d = (1, 0): orthogonal part (0.5, -0.5)
       [1.0, 0.0]
     """
-    (guidance_scale, norm_threshold, eta, guidance_rescale), valid = _params(
+    (guidance_scale, norm_threshold, eta), valid = _params(
         guidance_scale=(guidance_scale, FINITE),
         norm_threshold=(norm_threshold, FINITE),
         eta=(eta, FINITE),
-        guidance_rescale=(guidance_rescale, PHI),
     )
     if momentum is not None:
         momentum, momentum_valid = _param("momentum", momentum)
@@ -336,9 +372,9 @@ def apg(
         parallel = jnp.sum(diff * unit, axis=axes, keepdims=True) * unit
         update = diff - parallel + _value("eta", eta, info, cond) * parallel
         guided = uncond + _value("guidance_scale", guidance_scale, info, cond) * update
-        return nan_unless(valid, _rescaled(guided, cond, guidance_rescale, info)), state
+        return nan_unless(valid, guided), state
 
-    return Guider(init, apply, valid=valid)
+    return rescaled(Guider(init, apply, valid=valid), guidance_rescale)
 
 
 def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
@@ -361,9 +397,7 @@ def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Gu
       >>> [round(v, 4) for v in guided[0].tolist()]
       [1.0, 2.0]
     """
-    (guidance_scale, guidance_rescale), valid = _params(
-        guidance_scale=(guidance_scale, FINITE), guidance_rescale=(guidance_rescale, PHI)
-    )
+    (guidance_scale,), valid = _params(guidance_scale=(guidance_scale, FINITE))
 
     def apply(state, uncond, cond, info):
         pair = jnp.stack([cond.reshape(cond.shape[0], -1), uncond.reshape(uncond.shape[0], -1)], 1)
@@ -374,9 +408,9 @@ def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Gu
         weight = jnp.sum(pair[:, 1] * direction, axis=1) / jnp.where(length > 0, length, 1.0)
         projected = (weight[:, None] * direction).reshape(uncond.shape).astype(uncond.dtype)
         guided = projected + _value("guidance_scale", guidance_scale, info, cond) * (cond - projected)
-        return nan_unless(valid, _rescaled(guided, cond, guidance_rescale, info)), state
+        return nan_unless(valid, guided), state
 
-    return Guider(_stateless, apply, valid=valid)
+    return rescaled(Guider(_stateless, apply, valid=valid), guidance_rescale)
 
 
 def cfg_pp(guidance_scale: Any = 0.6) -> Guider:
