@@ -20,6 +20,7 @@ from ddim_jax import (
     bdia_sample,
     create_state,
     edict_sample,
+    fixed_point_invert,
     get_velocity,
     inverse_step,
     invert,
@@ -278,6 +279,9 @@ GUIDED_LOOPS = {
     ),
     "edict_sample": lambda state, x, kw: edict_sample(guided_model, state, x, model_args=(LABELS,), **kw),
     "bdia_sample": lambda state, x, kw: bdia_sample(guided_model, state, x, model_args=(LABELS,), **kw),
+    "fixed_point_invert": lambda state, x, kw: fixed_point_invert(
+        guided_model, state, x, model_args=(LABELS,), iterations=1, **kw
+    ),
 }
 LABELS = jnp.array([[0.0], [0.0], [1.0], [2.0]])  # the doubled batch's conditioning, [uncond, cond]
 
