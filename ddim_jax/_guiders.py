@@ -247,7 +247,8 @@ def cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
     the model output. The loops' ``guidance_scale=w, guidance_rescale=phi`` is ``cfg(w, phi)``.
 
     Args:
-      guidance_scale: w; a scalar, one per example ``(batch,)``, or a `scale_schedule`.
+      guidance_scale: w, finite; a scalar, one per example ``(batch,)`` (an array or a list),
+        or a `scale_schedule`. A known NaN or inf raises; a traced one gives a NaN output.
       guidance_rescale: phi in [0, 1]; the same forms.
 
     Example:
@@ -278,7 +279,7 @@ def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_
     the first ``zero_init_steps`` steps of the schedule output zeros ("zero-init").
 
     Args:
-      guidance_scale: w; a scalar, one per example ``(batch,)``, or a `scale_schedule`.
+      guidance_scale: w, finite, as in `cfg`.
       zero_init_steps: an int >= 0 (may be traced): the steps ``info.step < zero_init_steps``
         output zeros (diffusers' default 1).
       guidance_rescale: phi, as in `cfg`.
@@ -327,11 +328,12 @@ def apg(
     the output is ``uncond + w (d_orthogonal + eta d_parallel)``.
 
     Args:
-      guidance_scale: w; a scalar, one per example ``(batch,)``, or a `scale_schedule`.
+      guidance_scale: w, finite, as in `cfg`.
       momentum: None (no momentum: a stateless guider) or a number (the paper uses -0.5);
         the same forms as ``guidance_scale``.
-      norm_threshold: the largest norm of ``d`` (the paper's r; <= 0 turns clipping off).
-      eta: the weight of the parallel part (0: orthogonal only; 1: CFG's).
+      norm_threshold: the largest norm of ``d``, finite (the paper's r; <= 0 turns clipping
+        off; NaN is refused rather than read as off).
+      eta: the weight of the parallel part, finite (0: orthogonal only; 1: CFG's).
       guidance_rescale: phi, as in `cfg`.
 
     Example:
@@ -384,7 +386,7 @@ def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Gu
     2 x 2 Gram matrix), ``u = <uncond, v> v``, then ``u + w (cond - u)``.
 
     Args:
-      guidance_scale: w; a scalar, one per example ``(batch,)``, or a `scale_schedule`.
+      guidance_scale: w, finite, as in `cfg`.
       guidance_rescale: phi, as in `cfg`.
 
     Example:

@@ -598,7 +598,17 @@ def test_arguments_that_would_be_silently_ignored_are_refused(kwargs, message):
 
 
 @pytest.mark.parametrize(
-    "loop", [sample, invert, parallel_sample, edict_sample, edict_invert, bdia_sample, bdia_invert]
+    "loop",
+    [
+        sample,
+        invert,
+        parallel_sample,
+        edict_sample,
+        edict_invert,
+        bdia_sample,
+        bdia_invert,
+        dj.fixed_point_invert,
+    ],
 )
 def test_every_loop_refuses_an_empty_batch(loop):
     with pytest.raises(ValueError, match=r"latents must hold at least one example .*got shape \(0, 3\)"):

@@ -20,6 +20,7 @@ from ddim_jax import (
     bdia_sample,
     create_state,
     edict_sample,
+    fixed_point_invert,
     get_velocity,
     inverse_step,
     invert,
@@ -206,10 +207,11 @@ GUIDER_RANGES = {
     },
     "tangential_cfg": {"guidance_scale": REAL, "guidance_rescale": UNIT},
     "cfg_pp": {"guidance_scale": UNIT},
+    "rescaled": {"guidance_rescale": UNIT},  # around tangential_cfg(2.0), below
     "shorthand": {"guidance_scale": REAL, "guidance_rescale": UNIT},  # the loops' cfg arguments
 }
 WINDOW = {"start": (0.0, 1.0, "half-open"), "stop": "stop"}  # guidance_window's; stop in [start, 1]
-NOT_NUMERIC = {"guidance_window": {"guider", "conditional_args"}}
+NOT_NUMERIC = {"guidance_window": {"guider", "conditional_args"}, "rescaled": {"guider"}}
 GUIDER_STEPS = 3
 GUIDER_STATE = set_timesteps(create_state(CONFIGS[0]), GUIDER_STEPS)
 
@@ -277,6 +279,9 @@ GUIDED_LOOPS = {
     ),
     "edict_sample": lambda state, x, kw: edict_sample(guided_model, state, x, model_args=(LABELS,), **kw),
     "bdia_sample": lambda state, x, kw: bdia_sample(guided_model, state, x, model_args=(LABELS,), **kw),
+    "fixed_point_invert": lambda state, x, kw: fixed_point_invert(
+        guided_model, state, x, model_args=(LABELS,), iterations=1, **kw
+    ),
 }
 LABELS = jnp.array([[0.0], [0.0], [1.0], [2.0]])  # the doubled batch's conditioning, [uncond, cond]
 
@@ -295,6 +300,8 @@ def loop_kwargs(factory, values, window, schedule):
         values[schedule] = ddim_jax.scale_schedule(jnp.full(GUIDER_STEPS, values[schedule], jnp.float32))
     if factory == "shorthand":
         return values
+    if factory == "rescaled":  # a wrapper: around a guider of its own parameters' kind
+        values["guider"] = ddim_jax.tangential_cfg(2.0)
     guider = getattr(ddim_jax, factory)(**values)
     if window is not None:
         guider = ddim_jax.guidance_window(guider, *window, conditional_args=(0,))

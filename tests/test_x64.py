@@ -38,6 +38,9 @@ LOOPS = {
     "parallel_sample": lambda s, x: dj.parallel_sample(
         model, s, x, window=3, tolerance=0.0, eta=0.3, key=jax.random.key(1), **guided(guidance_scale=2.0)
     ),
+    "fixed_point_invert": lambda s, x: dj.fixed_point_invert(
+        model, s, x, iterations=2, **guided(guidance_scale=2.0)
+    ),
     "edict_sample": lambda s, x: dj.edict_sample(model, s, x, **guided(guidance_scale=2.0)),
     "edict_invert": lambda s, x: dj.edict_invert(model, s, x, **guided(guidance_scale=2.0)),
     "bdia_sample": lambda s, x: dj.bdia_sample(
