@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any
 
 START = time.perf_counter()  # the process's time to first response counts from here
@@ -94,11 +95,15 @@ def load_digits(args: argparse.Namespace) -> Served:
         make_model,
     )
 
-    settings = TrainSettings(train_steps=args.train_steps)  # the demo's defaults: its cache entry
+    # the demo's defaults unless changed: the same cache entry as `ddim-jax demo`
+    settings = TrainSettings(channels=tuple(args.channels), train_steps=args.train_steps)
     model = make_model(settings)
-    if args.untrained:
+    if args.untrained:  # drawn with numpy: compiling model.init would cost as much as the tick
+        from stable_diffusion import random_params
+
         x, t, labels = jnp.zeros((1, 8, 8, 1)), jnp.zeros((), jnp.int32), jnp.zeros(1, jnp.int32)
-        params = jax.jit(model.init)(jax.random.key(args.seed), x, t, None, labels)
+        init = types.SimpleNamespace(init_weights=lambda key: model.init(key, x, t, None, labels))
+        params = random_params(init, args.seed)
     else:
         from ddim_jax.demo.data import load_digits_split
 
@@ -107,11 +112,11 @@ def load_digits(args: argparse.Namespace) -> Served:
         params, _ = load_or_train(settings, digits.x_train, digits.y_train, cache, progress=False)
     labelled = denoiser_fn(model)
 
-    def model_fn(x, t, params, labels):  # labels: the engine's [uncond; cond] conditioning
-        return labelled(x, t, params, labels)
+    def model_fn(x, t, params, labels):  # labels: the engine's [uncond; cond] rows, as float32
+        return labelled(x, t, params, labels.astype(jnp.int32))
 
     return Served(
-        name=f"digits UNet {settings.channels}" + (" (untrained)" if args.untrained else ""),
+        name=f"digits UNet {list(settings.channels)}" + (" (untrained)" if args.untrained else ""),
         model_fn=model_fn,
         config=settings.scheduler_config(timestep_spacing="trailing"),
         engine_kwargs=dict(
@@ -119,7 +124,7 @@ def load_digits(args: argparse.Namespace) -> Served:
             model_args=(jax.device_put(params),),
             cond_shape=(),
             guided=True,
-            null_cond=NULL_LABEL,
+            uncond=np.float32(NULL_LABEL),  # the "no class" label: CFG's unconditional branch
         ),
         image_shape=(8, 8),
         num_classes=NUM_CLASSES,
@@ -188,7 +193,7 @@ def validate(body: Any, *, max_steps: int, served: Served) -> Job:
     label = body.get("class")
     if label is not None:
         label = _number(body, "class", 0, served.num_classes - 1, None, integer=True)
-    steps = _number(body, "steps", 1, max_steps, 25, integer=True)
+    steps = _number(body, "steps", 1, max_steps, min(25, max_steps), integer=True)
     guidance_scale = float(_number(body, "guidance_scale", 0.0, 20.0, 3.0))
     eta = float(_number(body, "eta", 0.0, 1.0, 0.0))
     seed = body.get("seed")
@@ -206,8 +211,8 @@ def validate(body: Any, *, max_steps: int, served: Served) -> Job:
         if not (np.isfinite(init_image).all() and (init_image >= 0).all() and (init_image <= 1).all()):
             raise FieldError("init_image", "pixel values must be finite and in [0, 1]")
         strength = float(_number(body, "strength", 0.0, 1.0, 0.8))
-        if strength == 0.0:
-            raise FieldError("strength", "must be in (0, 1], got 0")
+        if int(steps * strength) < 1:  # diffusers' rule: the request runs int(steps * strength) steps
+            raise FieldError("strength", f"runs int(steps * strength) = 0 steps at steps={steps}: raise it")
     elif strength is not None:
         raise FieldError("strength", "needs an init_image")
     fmt = body.get("format", "png")
@@ -235,8 +240,8 @@ class EngineWorker:
     """
 
     def __init__(self, served: Served, *, slots: int, max_steps: int, steps_per_tick: int):
-        kwargs = dict(served.engine_kwargs)
-        self._null = kwargs.pop("null_cond")
+        kwargs = served.engine_kwargs
+        self._null = kwargs["uncond"]
         self._make = lambda: ddim_jax.Engine(
             served.model_fn,
             served.config,
@@ -254,13 +259,13 @@ class EngineWorker:
 
     def request(self, job: Job) -> Any:
         """The engine request for a validated job (its own key: results never depend on the slot)."""
-        init = None if job.init_image is None else jnp.asarray(2 * job.init_image[..., None] - 1, jnp.float32)
+        init = None if job.init_image is None else (2 * job.init_image[..., None] - 1).astype(np.float32)
         return ddim_jax.Request(
             job.steps,
             jax.random.key(job.seed),
             eta=job.eta,
             guidance_scale=job.guidance_scale,
-            cond=jnp.asarray(self._null if job.label is None else job.label, jnp.int32),
+            cond=self._null if job.label is None else np.float32(job.label),
             init_latents=init,
             strength=job.strength,
         )
@@ -542,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile-cache", action="store_true", help="compile every program at start")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="the demo's trained-parameter cache")
     p.add_argument("--train-steps", type=int, default=2000, help="training steps of the digits UNet")
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32], help="UNet channels per level")
     p.add_argument("--untrained", action="store_true", help="random weights: no training (tests, load runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return p
