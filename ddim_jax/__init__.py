@@ -12,6 +12,7 @@ Example:
 from ddim_jax._bdia import BDIALatents, bdia_invert, bdia_sample
 from ddim_jax._config import DDIMConfig
 from ddim_jax._edict import EDICTLatents, edict_invert, edict_sample
+from ddim_jax._engine import Engine, EngineCore, EngineState, Request, RequestHandle, SlotRequest
 from ddim_jax._forward import add_noise, get_velocity, scale_model_input
 from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._guiders import (
@@ -43,11 +44,17 @@ __all__ = [
     "DDIMConfig",
     "DDIMState",
     "EDICTLatents",
+    "Engine",
+    "EngineCore",
+    "EngineState",
     "GuidanceInfo",
     "GuidedOutput",
     "Guider",
     "ParallelResult",
+    "Request",
+    "RequestHandle",
     "ScaleSchedule",
+    "SlotRequest",
     "StepOutput",
     "Trajectory",
     "add_noise",
