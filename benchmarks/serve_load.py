@@ -8,10 +8,11 @@ Starts the server as a subprocess on 127.0.0.1 and drives it with an async aioht
    open-loop phases are scaled by.
 3. **Load**: open-loop Poisson arrivals at each fraction of that rate (``--loads``), with faults
    mixed in: malformed JSON, wrong types, huge values, oversized bodies, and clients that
-   disconnect mid-request. In the phase at ``--restart-at`` load a second server process starts
-   on the same port (``SO_REUSEPORT``), the first gets SIGTERM and drains, and the load goes on.
-4. **Burst**: 10x the queue limit at once: the excess is refused (429, Retry-After), none lost.
-5. Optionally (``--long N``): N requests at 80% of saturation.
+   disconnect mid-request.
+4. **Rolling restart** under load (``--restart-load``): a second server process starts on the
+   same port (``SO_REUSEPORT``), the first gets SIGTERM and drains, the second serves the rest.
+5. **Burst**: 10x the queue limit at once: the excess is refused (429, Retry-After), none lost.
+6. Optionally (``--long N``): N requests at 80% of saturation.
 
 Every request ends in one outcome: an HTTP status, ``disconnected`` (the client hung up on
 purpose), ``connect_failed`` (no server accepted the connection) or ``lost`` (sent, never
@@ -224,13 +225,18 @@ class Client:
         await self.session.close()
 
 
-async def open_loop(client: Client, phase: str, rate: float, n: int, rng: random.Random, steps, fault_share):
-    """``n`` requests with exponential gaps of mean 1 / rate (Poisson arrivals), not waiting for
-    answers; a share of them faults. Returns when all are answered."""
+async def open_loop(
+    client: Client, phase: str, rate: float, n: int, rng: random.Random, steps, fault_share, stop=None
+):
+    """``n`` requests (fewer if the event ``stop`` is set first) with exponential gaps of mean
+    1 / rate (Poisson arrivals), not waiting for answers; a share of them faults. Returns when
+    all are answered."""
     tasks = []
     start = time.perf_counter()
     due = 0.0
     for _ in range(n):
+        if stop is not None and stop.is_set():
+            break
         due += rng.expovariate(rate)
         delay = start + due - time.perf_counter()
         if delay > 0:
@@ -376,31 +382,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rate_sat = saturation["throughput_rps"]
         print(f"[serve_load] saturation {rate_sat:.1f} req/s")
         phases = {"saturation": saturation}
-        replacement = ServerProcess(server_args, port)  # starts (warm) while the first phases run
-        if args.restart_at:
-            await replacement.start()
 
-        # 3. open-loop load with faults; a restart in one phase
-        restart: dict[str, Any] = {}
+        # 3. open-loop load with faults
         for load in args.loads:
             name = f"load {load:.2f}"
-            if load == args.restart_at:  # the replacement is ready before the phase starts
-                await replacement.wait_ready(args.start_timeout)
-            task = asyncio.create_task(
-                open_loop(client, name, load * rate_sat, args.requests, rng, steps, args.fault_share)
+            duration = await open_loop(
+                client, name, load * rate_sat, args.requests, rng, steps, args.fault_share
             )
-            if load == args.restart_at:
-                await asyncio.sleep(0.5 * args.requests / (load * rate_sat))  # mid-phase: SIGTERM
-                restart = await rolling_restart(servers, replacement)
-                server = replacement
-            duration = await task
-            if load == args.restart_at:
-                rss_base = server.rss()  # the process that serves the rest, once it has served
             phases[name] = summarize([o for o in client.outcomes if o.phase == name], duration)
             phases[name]["offered_rps"] = load * rate_sat
             print(f"[serve_load] {name}: {phases[name]}")
 
-        # 4. a burst of 10x the queue limit
+        # 4. a rolling restart under load: a second process starts on the same port while the
+        # first serves, then the first gets SIGTERM and drains; the second serves the rest
+        restart: dict[str, Any] = {}
+        if args.restart_load:
+            name, rate = "restart", args.restart_load * rate_sat
+            stop = asyncio.Event()
+            cap = int(rate * (args.start_timeout + args.drain_timeout)) + args.requests
+            task = asyncio.create_task(open_loop(client, name, rate, cap, rng, steps, args.fault_share, stop))
+            replacement = ServerProcess(server_args, port)
+            await replacement.start()
+            await replacement.wait_ready(args.start_timeout)
+            restart = await rolling_restart(servers, replacement)
+            restart["sigterm_at"] = restart.pop("sigterm") - t0
+            server = replacement
+            await asyncio.sleep(args.requests / rate)  # then the new process serves the rest
+            stop.set()
+            phases[name] = summarize([o for o in client.outcomes if o.phase == name], await task)
+            phases[name]["offered_rps"] = rate
+            print(f"[serve_load] {name}: {phases[name]}")
+            rss_base = server.rss()  # the process that serves the rest, once it has served
+
+        # 5. a burst of 10x the queue limit
         burst = [client.request("burst", "normal", rng, steps) for _ in range(10 * max(args.queue_limit, 1))]
         start = time.perf_counter()
         await asyncio.gather(*burst)
@@ -409,7 +423,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"[serve_load] burst: {phases['burst']}")
 
-        # 5. the long run
+        # 6. the long run
         if args.long:
             name = "long 0.80"
             rss_long = server.rss()
@@ -460,12 +474,176 @@ async def rolling_restart(servers: list[ServerProcess], new: ServerProcess) -> d
     start = time.perf_counter()
     code = await old.stop()
     return {
+        "sigterm": start,
         "old_exit_code": code,
         "drain_s": time.perf_counter() - start,
         "old_stopped": old.stopped,
         "new_ready_s": new.ready.get("ready_s"),
         "rss_new_ready": new.rss(),
     }
+
+
+# ----------------------------------------------------------------------------- figures and tables
+
+STATUS_COLORS = {"200": "tab:green", "429": "tab:orange", "503": "tab:red", "4xx": "tab:blue",
+                 "disconnected": "tab:gray"}  # fmt: skip
+
+
+def _load_phases(results: dict) -> list[tuple[str, dict]]:
+    return [(k, v) for k, v in results["phases"].items() if k.startswith("load ")]
+
+
+def _sigterm_at(results: dict) -> float | None:
+    restart = results.get("restart") or {}
+    if "sigterm_at" in restart:
+        return restart["sigterm_at"]
+    return None
+
+
+def write_figures(results: dict, out_dir: str) -> list[str]:
+    """Three labelled PNGs: latency and throughput against offered load; the answers over time
+    and per phase (overload, the restart); cold against warm time to first response."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    sat = results["phases"]["saturation"]["throughput_rps"]
+    phases = _load_phases(results)
+    offered = np.array([v["offered_rps"] for _, v in phases])
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
+        a.plot(offered, [v.get(f"{q}_ms", np.nan) for _, v in phases], style, label=q)
+    a.axvline(sat, color="k", lw=0.8, ls="--", label=f"saturation {sat:.1f} req/s")
+    a.set(xlabel="offered load (requests/s, Poisson)", ylabel="latency of 200 answers (ms)", yscale="log",
+          title="Latency against load")  # fmt: skip
+    a.legend()
+    b.plot(offered, [v["throughput_rps"] for _, v in phases], "o-", label="served (200/s)")
+    b.plot(offered, offered, color="0.6", ls=":", label="offered")
+    b.axhline(sat, color="k", lw=0.8, ls="--", label="closed-loop saturation")
+    b.set(xlabel="offered load (requests/s, Poisson)", ylabel="requests/s", title="Throughput against load")
+    b.legend()
+    fig.suptitle(_caption(results), fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "serve_latency_vs_load.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    outcomes = [o for o in results["outcomes"] if o["phase"] != "warm-up"]
+    end = max(o["sent"] + o["latency"] for o in outcomes)
+    bins = np.arange(0, end + 1, 1.0)
+    for key, color in STATUS_COLORS.items():
+        times = [o["sent"] + o["latency"] for o in outcomes if _status_class(o["status"]) == key]
+        if times:
+            a.plot(bins[:-1], np.histogram(times, bins)[0], color=color, lw=1, label=key)
+    sigterm = _sigterm_at(results)
+    if sigterm is not None:
+        a.axvline(sigterm, color="k", ls="--", lw=0.8, label="SIGTERM (rolling restart)")
+    a.set(xlabel="time in the run (s)", ylabel="answers per second", title="Answers over the run, by status")
+    a.legend(fontsize=8)
+    names = [k for k, _ in phases] + [n for n in ("restart", "burst") if n in results["phases"]]
+    bottom = np.zeros(len(names))
+    for key, color in STATUS_COLORS.items():
+        counts = np.array([_share(results["phases"][n], key) for n in names])
+        b.bar([n.replace("load ", "x") for n in names], counts, bottom=bottom, color=color, label=key)
+        bottom += counts
+    b.set(xlabel="phase (load as a multiple of saturation)", ylabel="share of requests",
+          title=f"Answers per phase (burst: {10 * results['settings']['queue_limit']} at once)")  # fmt: skip
+    b.legend(fontsize=8)
+    fig.suptitle(_caption(results), fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "serve_overload.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    parts = ("import jax", "load the model", "build the engine", "compile / load programs", "first request")
+    colors = ("tab:gray", "tab:blue", "tab:purple", "tab:red", "tab:green")
+    for i, s in enumerate(results["starts"]):
+        pieces = _start_pieces(s)
+        left = 0.0
+        for piece, name, color in zip(pieces, parts, colors, strict=True):
+            ax.barh(i, piece, left=left, color=color, label=name if i == 0 else None)
+            left += piece
+        ax.text(left + 0.3, i, f"{s['first_response_s']:.1f} s", va="center")
+    ax.set_yticks(range(len(results["starts"])), [s["start"] for s in results["starts"]])
+    ax.set(
+        xlabel="seconds from spawning the process",
+        title="Time to first response: cold and warm compilation cache",
+    )
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "serve_cold_warm.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _status_class(status: int | str) -> str:
+    if status in (200, 429, 503):
+        return str(status)
+    return "4xx" if isinstance(status, int) and 400 <= status < 500 else str(status)
+
+
+def _share(phase: dict, key: str) -> float:
+    counts = phase["counts"]
+    n = phase["requests"] or 1
+    if key == "4xx":
+        return (counts.get("4xx", 0) - counts.get("429", 0)) / n
+    return counts.get(key, 0) / n
+
+
+def _start_pieces(start: dict) -> list[float]:
+    """A start's phases: import, model, engine, warm-up (programs), then up to the first 200."""
+    engine = start["ready_s"] - start["import_s"] - start["model_s"] - start["warm_up_s"]
+    return [
+        start["import_s"],
+        start["model_s"],
+        engine,
+        start["warm_up_s"],
+        start["first_response_s"] - start["ready_s"],
+    ]
+
+
+def _caption(results: dict) -> str:
+    s = results["settings"]
+    model = "untrained" if s["untrained"] else "trained"
+    return (
+        f"digits UNet ({model}), {s['slots']} slots, queue limit {s['queue_limit']}, steps from "
+        f"{s['steps']}, {s['fault_share']:.0%} faults; 2-core CPU shared with other jobs"
+    )
+
+
+def markdown(results: dict) -> str:
+    """The tables for RESULTS.md: per phase, then the starts and the restart."""
+    rows = []
+    for name, v in results["phases"].items():
+        c = v["counts"]
+        rows.append(
+            [name, f"{v.get('offered_rps', float('nan')):.1f}", f"{v['throughput_rps']:.1f}", v["requests"],
+             c.get("200", 0), c.get("4xx", 0) - c.get("429", 0), c.get("429", 0), c.get("5xx", 0),
+             c.get("disconnected", 0), c.get("lost", 0) + c.get("connect_failed", 0),
+             *(f"{v.get(q, float('nan')):.0f}" for q in ("p50_ms", "p95_ms", "p99_ms"))]
+        )  # fmt: skip
+    head = ["phase", "offered req/s", "served req/s", "requests", "200", "4xx (faults)", "429", "5xx",
+            "hung up", "lost", "p50 ms", "p95 ms", "p99 ms"]  # fmt: skip
+    lines = [_table(head, rows), ""]
+    start_rows = [[s["start"], *(f"{p:.1f}" for p in _start_pieces(s)), f"{s['first_response_s']:.1f}"]
+                  for s in results["starts"]]  # fmt: skip
+    lines += [
+        _table(["start", "import", "model", "engine", "programs", "first request", "total s"], start_rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--requests", type=int, default=400, help="requests per load phase")
     p.add_argument("--loads", type=float, nargs="+", default=[0.3, 0.6, 0.8, 1.0, 1.3, 2.0])
-    p.add_argument("--restart-at", type=float, default=1.0, help="the load phase with the SIGTERM restart")
+    p.add_argument("--restart-load", type=float, default=0.8, help="load of the restart phase (0: none)")
     p.add_argument("--long", type=int, default=0, help="then this many requests at 80%% of saturation")
     p.add_argument(
         "--steps", type=int, nargs="+", default=[10, 25, 50], help="step counts requests draw from"
@@ -494,11 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false", help="skip the warm start")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--figures", help="write the figures (PNG) into this directory")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the figures and tables of a saved run")
     return p
 
 
 QUICK = dict(
-    requests=60, loads=[0.5, 1.0, 2.0], restart_at=2.0, steps=[2, 4, 8, 16], slots=4, queue_limit=8,
+    requests=60, loads=[0.5, 1.0, 2.0], restart_load=1.0, steps=[2, 4, 8, 16], slots=4, queue_limit=8,
     untrained=True, warm_start=False, channels=[8],
 )  # fmt: skip
 
@@ -508,13 +687,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    if args.restart_at not in args.loads and args.restart_at:
-        raise SystemExit(f"--restart-at {args.restart_at} must be one of --loads {args.loads}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            results = json.load(f)
+        print(markdown(results))
+        if args.figures:
+            print("wrote", *write_figures(results, args.figures))
+        return 0
     results = asyncio.run(run(args))
     if args.json:
         with open(args.json, "w") as f:
@@ -522,10 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     brief = {k: results[k] for k in ("total", "restart", "exit_codes", "disconnects", "problems")}
     print(json.dumps(brief, indent=1))
     print(f"RSS growth {results['rss']['growth']:+.1%}")
+    print(markdown(results))
     if args.figures:
-        from serve_figures import write_figures
-
-        write_figures(results, args.figures)
+        print("wrote", *write_figures(results, args.figures))
     return 1 if results["problems"] else 0
 
 

@@ -91,7 +91,6 @@ def load_digits(args: argparse.Namespace) -> Served:
         NUM_CLASSES,
         TrainSettings,
         denoiser_fn,
-        load_or_train,
         make_model,
     )
 
@@ -105,11 +104,7 @@ def load_digits(args: argparse.Namespace) -> Served:
         init = types.SimpleNamespace(init_weights=lambda key: model.init(key, x, t, None, labels))
         params = random_params(init, args.seed)
     else:
-        from ddim_jax.demo.data import load_digits_split
-
-        digits = load_digits_split()
-        cache = os.path.expanduser(args.cache_dir)
-        params, _ = load_or_train(settings, digits.x_train, digits.y_train, cache, progress=False)
+        params = trained_params(settings, os.path.expanduser(args.cache_dir))
     labelled = denoiser_fn(model)
 
     def model_fn(x, t, params, labels):  # labels: the engine's [uncond; cond] rows, as float32
@@ -129,6 +124,24 @@ def load_digits(args: argparse.Namespace) -> Served:
         image_shape=(8, 8),
         num_classes=NUM_CLASSES,
     )
+
+
+def trained_params(settings, cache_dir: str):
+    """The demo's cached parameters for ``settings``, trained first (about a minute) if absent.
+
+    The digits (and scikit-learn) are loaded only to train: a warm start skips them.
+    """
+    from ddim_jax.demo.train import cache_path, load_or_train
+
+    if cache_path(settings, cache_dir).is_file():
+        try:
+            return load_or_train(settings, None, None, cache_dir, progress=False)[0]
+        except (TypeError, ValueError, AttributeError):  # an unreadable file: retrain below
+            pass
+    from ddim_jax.demo.data import load_digits_split
+
+    digits = load_digits_split()
+    return load_or_train(settings, digits.x_train, digits.y_train, cache_dir, progress=False)[0]
 
 
 def to_png(latents: np.ndarray) -> bytes:
