@@ -35,6 +35,7 @@ SUITES = (
     "parallel_sampling",
     "checks_cost",
     "sd_unet",
+    "serve_load",
 )
 
 

@@ -300,6 +300,7 @@ def summarize(outcomes: list[Outcome], duration: float | None = None) -> dict[st
     if duration:
         summary["throughput_rps"] = float(ok.size / duration)
         summary["duration_s"] = duration
+        summary["loadavg_1min"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     return summary
 
 
@@ -326,7 +327,7 @@ def check(outcomes: list[Outcome]) -> list[str]:
     return problems
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run_load(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     steps = tuple(args.steps)
     cache = args.compile_cache or tempfile.mkdtemp(prefix="ddim_jax_serve_cache_")
@@ -690,6 +691,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run(quick: bool = False) -> str:
+    """For ``run_all.py``: the CI-sized run (``quick``) or 200 requests per phase; the tables."""
+    results = asyncio.run(run_load(parse(["--quick"] if quick else ["--requests", "200"])))
+    problems = results["problems"]
+    verdict = (
+        f"{len(problems)} broken rules: {problems[:3]}"
+        if problems
+        else "0 lost, every refusal with its reason"
+    )
+    return f"### serve_load: the HTTP server under load and faults\n\n{markdown(results)}\n{verdict}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.replot:
@@ -699,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.figures:
             print("wrote", *write_figures(results, args.figures))
         return 0
-    results = asyncio.run(run(args))
+    results = asyncio.run(run_load(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

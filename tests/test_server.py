@@ -81,7 +81,7 @@ def test_validate_fills_defaults():
 def test_load_and_faults(tmp_path):
     load = _load("serve_load", os.path.join(ROOT, "benchmarks", "serve_load.py"))
     args = load.parse(["--quick", "--compile-cache", str(tmp_path / "cache")])
-    results = asyncio.run(load.run(args))
+    results = asyncio.run(load.run_load(args))
     total = results["total"]["counts"]
     assert results["problems"] == []  # no lost request, no refusal without its reason, ...
     assert total.get("lost", 0) == 0 and total.get("connect_failed", 0) == 0
