@@ -149,7 +149,8 @@ def fault_body(kind: str, rng: random.Random, max_body: int) -> bytes:
         ).encode()
     if kind == "huge_value":
         return rng.choice([b'{"steps": 1000000000000}', b'{"guidance_scale": 1e308}', b'{"seed": 1e400}',
-                           b'{"seed": 123456789012345678901234567890}', b'{"eta": -1e300}'])  # fmt: skip
+                           b'{"seed": 123456789012345678901234567890}', b'{"eta": -1e300}',
+                           b'{"seed": ' + b"9" * 5000 + b"}", b"[" * (max_body // 2)])  # fmt: skip
     if kind == "oversized":
         return b'{"class": 1, "pad": "' + b"x" * (4 * max_body) + b'"}'
     raise ValueError(kind)

@@ -422,8 +422,10 @@ class Server:
             raise Refused(413, f"body over the limit of {self.args.max_body} bytes", "body") from None
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # (also integers of over 4300 digits)
             raise Refused(400, f"malformed JSON: {e}", "body") from None
+        except RecursionError:  # [[[[...: json's decoder recurses per level
+            raise Refused(400, "malformed JSON: nested too deeply", "body") from None
         try:
             return validate(body, max_steps=self.args.max_steps, served=self.served)
         except FieldError as e:

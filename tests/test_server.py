@@ -114,3 +114,35 @@ def test_load_and_faults(tmp_path):
     )
     assert metrics["requests"].get("cancelled", 0) <= results["disconnects"]["sent"]
     assert results["rss"]["growth"] < 0.10
+
+
+def test_http_refusals_name_their_reason():
+    """Bad bodies are answered 400 / 413 / 422 with the field before anything reaches the engine
+    (the worker here is None: touching it would fail the test)."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    args = server.build_parser().parse_args(["--max-body", "8192", "--max-steps", "50"])
+    app = server.Server(None, SERVED, args).app
+    cases = [
+        (b'{"class": 3,', 400, "body"),
+        (b"[" * 3000, 400, "body"),  # nested too deeply for json's decoder
+        (b'{"seed": ' + b"9" * 4400 + b"}", 400, "body"),  # over Python's int-string limit
+        (b'{"pad": "' + b"x" * 9000 + b'"}', 413, "body"),
+        (b'{"steps": "ten"}', 422, "steps"),
+        (b'{"guidance_scale": 1e308}', 422, "guidance_scale"),
+        (b'{"init_image": [[0.5, 0.5], [0.5]]}', 422, "init_image"),
+    ]
+
+    async def run():
+        async with TestServer(app, host="127.0.0.1") as http, ClientSession() as session:
+            answers = []
+            for body, _, _ in cases:
+                async with session.post(http.make_url("/generate"), data=body) as r:
+                    answers.append((r.status, (await r.json())["field"]))
+            async with session.get(http.make_url("/healthz")) as r:
+                answers.append((r.status, (await r.json())["status"]))
+            return answers
+
+    answers = asyncio.run(run())
+    assert answers == [(status, field) for _, status, field in cases] + [(200, "ok")]
