@@ -7,6 +7,8 @@
 #   python benchmarks/run_all.py --merge <files_at>/RESULTS_gpu.md
 # One suite only, e.g. the runtime loop against the static one (issue 22; about 60 s):
 #   run(command="bash benchmarks/gpu.sh --only dynamic_steps", timeout_s=330)
+# The serving engine against the batching policies (issue 27):
+#   run(command="bash benchmarks/gpu.sh --only engine", timeout_s=330)
 # The test suite on the GPU is tests/gpu.sh.
 set -uo pipefail
 source "$(dirname "$0")/../benchmarks/gpu_env.sh"

@@ -34,6 +34,7 @@ SUITES = (
     "dynamic_steps",
     "parallel_sampling",
     "checks_cost",
+    "engine",
     "sd_unet",
     "serve_load",
 )
@@ -207,6 +208,18 @@ def goals_markdown(summary: dict[str, dict[str, float]], gpu: bool) -> str:
                 verdict(programs["runtime"] == 1, f"{programs['runtime']:.0f}"),
             ]
         )
+    engine = summary.get("engine", {})
+    for label, target, ok in [
+        ("engine / padded throughput", ">= 1.6x", lambda v: v >= 1.6),
+        ("engine / equal S throughput", ">= 1.0x", lambda v: v >= 1.0),
+        ("p99 engine / equal S at 60%", "<= 0.5x", lambda v: v <= 0.5),
+        ("tick, k=1 / sample step", "<= 1.1x on CPU", lambda v: v <= 1.1),
+    ]:
+        if label in engine:
+            value = f"{engine[label]:.2f}x"
+            rows.append(
+                [f"serving engine (issue 27): {label}", target, value, verdict(ok(engine[label]), value)]
+            )
     rows += sd_goal_rows(summary.get("sd_unet", {}), gpu, verdict)
     if not rows:
         return ""

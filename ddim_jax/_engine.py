@@ -212,8 +212,10 @@ class EngineCore:
         valid = valid & eta_in_range(eta)
         x = jnp.where(valid, x, jnp.nan)
 
-        def put(table, row):
-            return table.at[slot].set(row)
+        chosen = jnp.arange(self.slots) == slot
+
+        def put(table, row):  # a select, not a scatter: elementwise on sharded slots too
+            return jnp.where(chosen.reshape((-1,) + (1,) * (table.ndim - 1)), row, table)
 
         return EngineState(
             x=put(state.x, x),
@@ -272,7 +274,7 @@ class EngineCore:
         x = jnp.where(per_slot(occupied), state.x, 0.0)  # free slots hold zeros
         stop = jnp.where(occupied, state.stop, 0)
         step = jnp.where(occupied, state.step, 0)
-        rows = jnp.arange(self.slots)
+        rows = jnp.arange(x.shape[0])  # this device's slots under shard_map
 
         def one_step(carry, _):
             x, step = carry
@@ -573,10 +575,20 @@ class Engine:
 
         if self.mesh is None:
             return jax.jit(admit, donate_argnums=0), jax.jit(tick, donate_argnums=0)
-        shardings = jax.tree.map(lambda v: self._sharding(v.ndim), jax.eval_shape(core.init))
-        return (
-            jax.jit(admit, donate_argnums=0, out_shardings=shardings),
-            jax.jit(tick, donate_argnums=0, out_shardings=(shardings, self._sharding(1))),
+        # Sharded: the tick runs per device on its own slots (shard_map), so it moves no data
+        # between devices whatever the guidance layout; the model sees the local slots.
+        axis = self.mesh.axis_names[0]
+        shapes = jax.eval_shape(core.init)
+        specs = jax.tree.map(lambda v: jax.sharding.PartitionSpec(axis), shapes)
+        local_tick = jax.shard_map(
+            tick,
+            mesh=self.mesh,
+            in_specs=(specs, jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()),
+            out_specs=(specs, jax.sharding.PartitionSpec(axis)),
+        )
+        shardings = jax.tree.map(lambda v: self._sharding(v.ndim), shapes)
+        return jax.jit(admit, donate_argnums=0, out_shardings=shardings), jax.jit(
+            local_tick, donate_argnums=0
         )
 
     # -- submission -------------------------------------------------------------------------
@@ -696,7 +708,10 @@ class Engine:
                 self._release[slot] = False
         if all(occupant is None for occupant in self._slots):
             return []
-        self._state, finished = self._tick(self._state, self._release.copy(), self.model_args)
+        release = self._release.copy()
+        if self.mesh is not None:
+            release = jax.device_put(release, self._sharding(1))
+        self._state, finished = self._tick(self._state, release, self.model_args)
         self._release[:] = False
         self._counts["ticks"] += 1
         self._counts["model_calls"] += self.core.steps_per_tick

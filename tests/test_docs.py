@@ -64,6 +64,9 @@ CHECKS = {
         int(ns["fast"].iterations) < 100 and np.allclose(ns["exact"].sample, _sampled(ns), atol=1e-5)
     ),
     "devices.md": lambda ns: _finite(ns["out"]),
+    "engine.md": lambda ns: (
+        len(ns["results"]) == 6 and all(r.shape == (2, 8) and np.isfinite(r).all() for r in ns["results"])
+    ),
     "your_model.md": lambda ns: (
         ns["images"].shape == (2, 16)
         and _finite(ns["images"])

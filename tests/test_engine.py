@@ -35,41 +35,36 @@ def cond_model_fn(x, t, w, cond):
     return model_fn(x, t, w) + 0.3 * jnp.sin(cond)[:, None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("guided", "layout", "static_steps"))
-def _reference(
-    num_steps, start, req_key, eta, scale, cond, uncond, latents, init, *, guided, layout, static_steps
-):
+@functools.partial(jax.jit, static_argnames=("layout", "static_steps"))
+def _reference(num_steps, start, x, key, eta, scale, cond, *, layout, static_steps):
     """`sample` on one request alone: a runtime-length state (one program for every request),
     or the static one (``static_steps``: S and the start step are then Python ints)."""
     if static_steps:
-        state = set_timesteps(BASE, static_steps[0])
+        state, start = set_timesteps(BASE, static_steps[0]), static_steps[1]
     else:
         state = set_timesteps(BASE, num_steps, max_steps=M)
-    start = static_steps[1] if static_steps else start
-    noise_key, step_key = jax.random.split(req_key)
-    noise = jax.random.normal(noise_key, SHAPE)[None]
-    x = noise if latents is None else latents[None]
-    if init is not None:
-        x = ddim_jax.add_noise(state, init[None], noise, state.timesteps[start])
-    fn, args, kwargs = model_fn, (0.7,), {}
-    if cond is not None:
-        fn, c = cond_model_fn, cond[None]
-        if guided:
-            u = uncond[None]
-            c = jnp.concatenate([u, c]) if layout == "concat" else jnp.stack([u, c], 1)[0]
-        args = (0.7, c)
-    if guided:
-        kwargs = dict(guidance_scale=scale[None], guidance_layout=layout)
-    out = sample(fn, state, x, key=step_key[None], eta=eta, model_args=args, start_step=start, **kwargs)
-    return out[0]
+    fn, args = (model_fn, (0.7,)) if cond is None else (cond_model_fn, (0.7, cond))
+    kwargs = {} if scale is None else dict(guidance_scale=scale, guidance_layout=layout)
+    return sample(fn, state, x, key=key, eta=eta, model_args=args, start_step=start, **kwargs)[0]
 
 
 def reference(req: Request, *, uncond=None, guided=False, layout="concat", static=False):
-    arrays = [req.cond, req.uncond if req.uncond is not None else uncond, req.latents, req.init_latents]
-    arrays = [None if a is None else jnp.asarray(a, jnp.float32) for a in arrays]
+    """The request's x at its start step and eta-noise key as `Request` documents, then `sample`."""
+    noise_key, step_key = jax.random.split(req.key)
+    noise = jax.random.normal(noise_key, SHAPE)[None]
+    state = set_timesteps(BASE, req.num_steps)
+    if req.init_latents is not None:
+        t = state.timesteps[req.start_step]
+        x = ddim_jax.add_noise(state, jnp.asarray(req.init_latents)[None], noise, t)
+    else:
+        x = noise if req.latents is None else jnp.asarray(req.latents)[None]
+    cond = None if req.cond is None else jnp.asarray(req.cond)[None]
+    if guided:
+        u = jnp.asarray(uncond if req.uncond is None else req.uncond)[None]
+        cond = jnp.concatenate([u, cond]) if layout == "concat" else jnp.stack([u, cond], 1)[0]
     out = _reference(
-        jnp.int32(req.num_steps), jnp.int32(req.start_step), req.key, jnp.float32(req.eta),
-        jnp.float32(req.guidance_scale or 0.0), *arrays, guided=guided, layout=layout,
+        jnp.int32(req.num_steps), jnp.int32(req.start_step), x, step_key[None], jnp.float32(req.eta),
+        jnp.float32([req.guidance_scale]) if guided else None, cond, layout=layout,
         static_steps=(req.num_steps, req.start_step) if static else None,
     )  # fmt: skip
     return np.asarray(out)
@@ -358,3 +353,30 @@ def test_cancel_frees_the_slot_and_nothing_leaks():
     engine.submit(Request(3, jax.random.key(4)))
     engine.step()
     assert np.isfinite(np.asarray(engine.state.x)).all()
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py forces 8 CPU)")
+@pytest.mark.parametrize("layout", ["concat", "interleave"])
+def test_sharded_engine_equals_one_device_and_its_tick_moves_no_data(layout):
+    mesh = jax.make_mesh((8,), ("data",))
+    requests = random_requests(12, seed=9, cond=True, guided=True)
+    results = []
+    for options in [{}, dict(mesh=mesh)]:
+        engine = Engine(
+            cond_model_fn, CONFIG, slots=8, latent_shape=SHAPE, max_steps=M, model_args=(0.7,),
+            cond_shape=COND, guided=True, guidance_layout=layout, uncond=UNCOND, **options,
+        )  # fmt: skip
+        results.append(np.stack([h.result() for h in run_stream(engine, requests, 4)]))
+    assert engine.traces == {"admit": 1, "tick": 1}
+    assert engine.state.x.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(results[0], results[1])
+    release = jax.device_put(
+        np.zeros(8, bool), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+    text = engine._tick.lower(engine.state, release, (0.7,)).compile().as_text()
+    assert not [name for name in COLLECTIVES if name in text]
+    with pytest.raises(ValueError, match="slots"):
+        Engine(model_fn, CONFIG, slots=4, latent_shape=SHAPE, max_steps=M, mesh=mesh)
