@@ -563,7 +563,8 @@ def write_figures(results: dict, out_dir: str) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 2.8))
-    parts = ("import jax", "load the model", "build the engine", "compile / load programs", "first request")
+    parts = ("imports (jax, aiohttp, ddim_jax)", "load the model", "build the engine",
+             "compile / load programs", "Python start-up + first request")  # fmt: skip
     colors = ("tab:gray", "tab:blue", "tab:purple", "tab:red", "tab:green")
     for i, s in enumerate(results["starts"]):
         pieces = _start_pieces(s)
@@ -626,7 +627,8 @@ def markdown(results: dict) -> str:
     for name, v in results["phases"].items():
         c = v["counts"]
         rows.append(
-            [name, f"{v.get('offered_rps', float('nan')):.1f}", f"{v['throughput_rps']:.1f}", v["requests"],
+            [name, f"{v['offered_rps']:.1f}" if "offered_rps" in v else "-", f"{v['throughput_rps']:.1f}",
+             v["requests"],
              c.get("200", 0), c.get("4xx", 0) - c.get("429", 0), c.get("429", 0), c.get("5xx", 0),
              c.get("disconnected", 0), c.get("lost", 0) + c.get("connect_failed", 0),
              *(f"{v.get(q, float('nan')):.0f}" for q in ("p50_ms", "p95_ms", "p99_ms"))]
