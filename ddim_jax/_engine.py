@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ddim_jax._checks import ETA, ETA_REASON, check_in, eta_in_range
 from ddim_jax._config import DDIMConfig
@@ -70,7 +71,8 @@ class SlotRequest(NamedTuple):
       num_steps: int32 scalar S.
       start_step: int32 scalar, the first step run (0 for text-to-image).
       eta: float32 scalar.
-      key: the request's key (a typed scalar key).
+      key: the request's key data (``jax.random.key_data``: uint32), wrapped with the engine's
+        ``key_impl`` inside admission (plain arrays cross processes and the jit boundary).
       latents: ``latent_shape`` float32: x_T, or the image (x0) to noise when ``img2img``.
       draw_latents: bool scalar: draw x_T from the key instead of using ``latents``.
       img2img: bool scalar: noise ``latents`` to the start step's level (`add_noise`).
@@ -178,7 +180,7 @@ class EngineCore:
             num_steps=jnp.asarray(num_steps, jnp.int32),
             start_step=jnp.asarray(start_step, jnp.int32),
             eta=jnp.asarray(eta, jnp.float32),
-            key=key,
+            key=jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key,
             latents=jnp.zeros(self.latent_shape, jnp.float32) if latents is None else jnp.asarray(latents),
             draw_latents=jnp.asarray(latents is None),
             img2img=jnp.asarray(img2img),
@@ -200,7 +202,7 @@ class EngineCore:
         noisy = step_coefficients(config, alpha_t, alpha_prev, eta, True)
         plain = step_coefficients(config, alpha_t, alpha_prev, eta, False)  # sample's eta = 0
         coefs = jax.tree.map(lambda n, p: jnp.where(eta == 0, p, n), noisy, plain)
-        noise_key, step_key = request_keys(r.key)
+        noise_key, step_key = request_keys(jax.random.wrap_key_data(r.key, impl=self.key_impl))
         keys = step_keys(step_key[None], m)[:, 0]
         noise = jax.random.normal(noise_key, self.latent_shape, jnp.float32)
         given = r.latents.astype(jnp.float32)
@@ -417,6 +419,9 @@ def _host_array(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+_REMOTE = object()  # a slot taken on process 0, in another process's view of a multi-process run
+
+
 class Engine:
     """Serves a stream of requests, each with its own S, start step, eta, key, guidance scale
     and conditioning, from a fixed batch of slots in one compiled tick.
@@ -536,7 +541,8 @@ class Engine:
             self._uncond = zeros if uncond is None else _host_array("uncond", uncond, cond_shape)
         self.traces = {"admit": 0, "tick": 0}
         self._admit, self._tick = self._programs()
-        self._state = self._place(self.core.init())
+        self._distributed = mesh is not None and jax.process_count() > 1
+        self._state = self._init()
         self._queue: deque[RequestHandle] = deque()
         self._slots: list[RequestHandle | None] = [None] * slots
         self._release = np.zeros(slots, bool)
@@ -557,10 +563,25 @@ class Engine:
         spec = jax.sharding.PartitionSpec(self.mesh.axis_names[0], *(None,) * (rank - 1))
         return jax.sharding.NamedSharding(self.mesh, spec)
 
-    def _place(self, state: EngineState) -> EngineState:
+    def _init(self) -> EngineState:
         if self.mesh is None:
-            return state
-        return jax.tree.map(lambda v: jax.device_put(v, self._sharding(v.ndim)), state)
+            return self.core.init()
+        shardings = jax.tree.map(lambda v: self._sharding(v.ndim), jax.eval_shape(self.core.init))
+        return jax.jit(self.core.init, out_shardings=shardings)()
+
+    def _global(self, value: np.ndarray) -> Any:
+        """A host (B, ...) array as the tick's sharded input (the same value on every process)."""
+        if self.mesh is None:
+            return value
+        return jax.make_array_from_callback(
+            value.shape, self._sharding(value.ndim), lambda index: value[index]
+        )
+
+    def _host(self, array: jax.Array) -> np.ndarray:
+        """A sharded array's whole value on this host (a collective across processes)."""
+        if self._distributed:
+            return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+        return np.asarray(array)
 
     def _programs(self) -> tuple[Callable, Callable]:
         core = self.core
@@ -673,8 +694,10 @@ class Engine:
         except (TypeError, ValueError):
             self._counts["refused"] += 1
             raise
+        if self._distributed and jax.process_index() != 0:
+            raise RuntimeError("in a multi-process run, submit on process 0: it decides admission")
         handle = RequestHandle(request, next(self._numbers))
-        handle._slot_request = slot_request
+        handle._slot_request = jax.tree.map(np.asarray, slot_request)
         self._queue.append(handle)
         return handle
 
@@ -695,43 +718,87 @@ class Engine:
 
     # -- running ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestHandle]:
-        """Admits queued requests into free slots, runs one tick, retires the finished
-        requests; returns the handles that finished now (none if nothing is running)."""
+    def _admissions(self) -> tuple[list[tuple[int, SlotRequest]], np.ndarray]:
+        """The (slot, request) pairs to admit now, and the release mask; in a multi-process run
+        decided on process 0 and broadcast to the others."""
+        admitted = []
         for slot, occupant in enumerate(self._slots):
             if occupant is None and self._queue:
                 handle = self._queue.popleft()
-                self._state = self._admit(self._state, np.int32(slot), handle._slot_request)
+                admitted.append((slot, handle._slot_request))
                 handle._slot_request = None
                 handle.status, handle.slot = "running", slot
                 self._slots[slot] = handle
                 self._release[slot] = False
+        release = self._release.copy()
+        if not self._distributed:
+            return admitted, release
+        template = self._template
+        rows = [np.zeros(self.core.slots, bool), release, jax.tree.map(np.copy, template)]
+        for slot, request in admitted:
+            rows[0][slot] = True
+            for table, value in zip(jax.tree.leaves(rows[2]), jax.tree.leaves(request), strict=True):
+                table[slot] = value
+        chosen, release, table = jax.tree.map(
+            np.asarray, multihost_utils.broadcast_one_to_all(rows, is_source=jax.process_index() == 0)
+        )
+        admitted = [
+            (int(slot), jax.tree.map(lambda v, s=slot: v[s], table)) for slot in np.flatnonzero(chosen)
+        ]
+        for slot in np.flatnonzero(release):  # cancelled on process 0
+            if self._slots[slot] is _REMOTE:
+                self._slots[slot] = None
+        for slot, _ in admitted:
+            if self._slots[slot] is None:  # another process's view: the slot is taken
+                self._slots[slot] = _REMOTE
+        return admitted, release
+
+    @property
+    def _template(self) -> SlotRequest:
+        """A (B, ...) numpy table of slot requests, all zeros (the broadcast's fixed shapes)."""
+        one = self.core.request(1, self.core._key())
+        return jax.tree.map(lambda v: np.zeros((self.core.slots, *np.shape(v)), np.asarray(v).dtype), one)
+
+    def step(self) -> list[RequestHandle]:
+        """Admits queued requests into free slots, runs one tick, retires the finished
+        requests; returns the handles that finished now (none if nothing is running)."""
+        admitted, release = self._admissions()
+        for slot, request in admitted:
+            self._state = self._admit(self._state, np.int32(slot), request)
         if all(occupant is None for occupant in self._slots):
             return []
-        release = self._release.copy()
-        if self.mesh is not None:
-            release = jax.device_put(release, self._sharding(1))
-        self._state, finished = self._tick(self._state, release, self.model_args)
+        self._state, finished = self._tick(self._state, self._global(release), self.model_args)
         self._release[:] = False
         self._counts["ticks"] += 1
         self._counts["model_calls"] += self.core.steps_per_tick
-        finished = np.asarray(finished)  # the one host sync of a tick
-        done = [h for h in self._slots if h is not None and finished[h.slot]]
-        if done:
-            x = np.asarray(self._state.x)
-            for handle in done:
-                handle._result = x[handle.slot].copy()
+        finished = self._host(finished)  # the one host sync of a tick
+        done = []
+        if any(finished[slot] for slot, h in enumerate(self._slots) if h is not None):
+            x = self._host(self._state.x)
+            for slot, handle in enumerate(self._slots):
+                if handle is None or not finished[slot]:
+                    continue
+                self._slots[slot] = None
+                self._release[slot] = True
+                if handle is _REMOTE:
+                    continue
+                handle._result = x[slot].copy()
                 handle.status = "done"
-                self._slots[handle.slot] = None
-                self._release[handle.slot] = True
+                done.append(handle)
                 self._counts["done"] += 1
                 self._counts["request_steps"] += handle.request.num_steps - handle.request.start_step
         return done
 
     def run_until_idle(self, max_ticks: int | None = None) -> None:
-        """Steps until no request is queued or running (or ``max_ticks`` ticks have run)."""
+        """Steps until no request is queued or running (or ``max_ticks`` ticks have run). In a
+        multi-process run, call it on every process: process 0's queue decides when to stop."""
         ticks = 0
-        while not self.idle and (max_ticks is None or ticks < max_ticks):
+        while max_ticks is None or ticks < max_ticks:
+            busy = not self.idle
+            if self._distributed:
+                busy = bool(multihost_utils.broadcast_one_to_all(np.bool_(busy)))
+            if not busy:
+                return
             self.step()
             ticks += 1
 

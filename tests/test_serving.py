@@ -136,3 +136,15 @@ def test_export_keeps_out_of_range_requests_nan(serving):
     args = list(request_args(params, requests[0]))
     args[4] = jnp.int32(MAX_STEPS + 1)  # S > M
     assert np.isnan(generate(*args)).all()
+
+
+def test_the_engine_mode_serves_every_image_in_one_tick_program(serving, capsys):
+    module, _, _, params, requests = serving
+    model, _ = module.make_model()
+    config = ddim_jax.DDIMConfig(timestep_spacing="trailing", clip_sample=False)
+    engine = module.make_engine(model, params, config, MAX_STEPS, slots=2)
+    outputs = module.serve_with_engine(engine, requests[:4])
+    images = sum(len(r["guidance"]) for r in requests[:4] if r["kind"] == "generate")
+    assert len(outputs) == images == engine.stats()["done"] and all(np.isfinite(o).all() for o in outputs)
+    assert engine.traces == {"admit": 1, "tick": 1}
+    assert "slot-steps used" in capsys.readouterr().out
