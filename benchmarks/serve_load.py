@@ -378,7 +378,7 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
         # 2. saturation (closed loop, queue kept full)
         await closed_loop(client, "warm-up", args.slots, 2 * args.slots, rng, steps)
         rss_base = server.rss()
-        n_sat = max(8 * capacity, args.requests // 2)
+        n_sat = max(16 * capacity, args.requests // 2)
         duration = await closed_loop(client, "saturation", capacity, n_sat, rng, steps)
         saturation = summarize([o for o in client.outcomes if o.phase == "saturation"], duration)
         rate_sat = saturation["throughput_rps"]
@@ -402,10 +402,14 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
             name, rate = "restart", args.restart_load * rate_sat
             stop = asyncio.Event()
             cap = int(rate * (args.start_timeout + args.drain_timeout)) + args.requests
-            task = asyncio.create_task(open_loop(client, name, rate, cap, rng, steps, args.fault_share, stop))
             replacement = ServerProcess(server_args, port)
             await replacement.start()
+            if args.ready_first:  # started before the load (bounds the phase's request count)
+                await replacement.wait_ready(args.start_timeout)
+            task = asyncio.create_task(open_loop(client, name, rate, cap, rng, steps, args.fault_share, stop))
             await replacement.wait_ready(args.start_timeout)
+            if args.ready_first:
+                await asyncio.sleep(args.requests / rate)  # both processes serve
             restart = await rolling_restart(servers, replacement)
             restart["sigterm_at"] = restart.pop("sigterm") - t0
             server = replacement
@@ -658,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=400, help="requests per load phase")
     p.add_argument("--loads", type=float, nargs="+", default=[0.3, 0.6, 0.8, 1.0, 1.3, 2.0])
     p.add_argument("--restart-load", type=float, default=0.8, help="load of the restart phase (0: none)")
+    p.add_argument("--ready-first", action="store_true", help="start the second process before the load")
     p.add_argument("--long", type=int, default=0, help="then this many requests at 80%% of saturation")
     p.add_argument(
         "--steps", type=int, nargs="+", default=[10, 25, 50], help="step counts requests draw from"
@@ -682,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 QUICK = dict(
     requests=60, loads=[0.5, 1.0, 2.0], restart_load=1.0, steps=[2, 4, 8, 16], slots=4, queue_limit=8,
-    untrained=True, warm_start=False, channels=[8],
+    untrained=True, warm_start=False, channels=[8], ready_first=True,
 )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -50,6 +51,8 @@ import os
 import queue
 import secrets
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -506,6 +509,7 @@ class Server:
     async def drain(self, sites: list[web.BaseSite]) -> dict[str, int]:
         """Stops accepting connections, waits for admitted requests, answers the rest 503."""
         self.draining = True
+        await accept_backlog(sites)
         for site in sites:
             await site.stop()
         admitted = len(self.pending)
@@ -521,6 +525,26 @@ class Server:
                 )
         await asyncio.sleep(0)  # let the handlers write their answers
         return {"admitted_at_sigterm": admitted, "answered_503": len(unfinished)}
+
+
+def queued_connections(site: web.BaseSite) -> int:
+    """Connections the kernel holds for ``site``'s listening sockets, not yet accepted (Linux:
+    ``tcpi_unacked`` of a listening socket's ``TCP_INFO``; 0 where that is not available)."""
+    total = 0
+    for sock in getattr(site._server, "sockets", None) or ():
+        with contextlib.suppress(OSError, AttributeError, struct.error):
+            total += struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0]
+    return total
+
+
+async def accept_backlog(sites: list[web.BaseSite], timeout: float = 2.0) -> None:
+    """Lets the loop accept what the kernel has queued before the listeners close: closing a
+    listening socket resets the connections still in its queue (under ``SO_REUSEPORT`` Linux
+    moves them to the other process only with ``net.ipv4.tcp_migrate_req=1``). They are then
+    answered 503, not dropped."""
+    deadline = time.monotonic() + timeout
+    while any(queued_connections(site) for site in sites) and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
 
 
 def rss_bytes() -> int | None:
