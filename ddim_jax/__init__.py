@@ -13,6 +13,7 @@ from ddim_jax._bdia import BDIALatents, bdia_invert, bdia_sample
 from ddim_jax._config import DDIMConfig
 from ddim_jax._edict import EDICTLatents, edict_invert, edict_sample
 from ddim_jax._engine import Engine, EngineCore, EngineState, Request, RequestHandle, SlotRequest
+from ddim_jax._fixed_point import fixed_point_invert
 from ddim_jax._forward import add_noise, get_velocity, scale_model_input
 from ddim_jax._guidance import classifier_free_guidance, rescale_noise_cfg
 from ddim_jax._guiders import (
@@ -24,6 +25,7 @@ from ddim_jax._guiders import (
     cfg_pp,
     cfg_zero_star,
     guidance_window,
+    rescaled,
     scale_schedule,
     tangential_cfg,
 )
@@ -69,12 +71,14 @@ __all__ = [
     "create_state",
     "edict_invert",
     "edict_sample",
+    "fixed_point_invert",
     "get_velocity",
     "guidance_window",
     "inverse_step",
     "invert",
     "parallel_sample",
     "rescale_noise_cfg",
+    "rescaled",
     "sample",
     "scale_model_input",
     "scale_schedule",

@@ -23,25 +23,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import (
-    check_fraction,
-    check_latents,
-    check_sample_prediction_start,
-    check_static_bools,
-    compute_dtype,
-    latent_pair,
-    nan_unless,
-)
+from ddim_jax._checks import check_fraction, latent_pair
 from ddim_jax._config import DDIMConfig
 from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
-    ModelCall,
+    LoopOptions,
     ModelFn,
+    Plan,
+    Prepared,
     StepCallback,
     Trajectory,
-    check_exact_inversion_loop,
-    loop_order,
-    run_steps,
+    exact_inversion_method,
+    run_loop,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
@@ -73,6 +66,8 @@ class BDIALatents(NamedTuple):
     x: jax.Array
     x_next: jax.Array
 
+    loops = "bdia_invert / bdia_sample"  # the loops these come from and go to (for messages)
+
 
 class _Step(NamedTuple):
     """One iteration's inputs: the model's timestep, the DDIM steps from its sample to the target
@@ -89,50 +84,67 @@ def _steps(config: DDIMConfig, t: jax.Array, source: Alphas, to: Alphas, far: Al
     return _Step(t, coef(to), coef(far), g)
 
 
-def _check(fn: str, model: ModelCall, state: DDIMState, x: Any, gamma: Any, start_step: Any, options):
-    """`check_exact_inversion_loop` and gamma; ``options`` are ``(callback, callback_every, remat,
-    unroll)``. Returns ``((runtime, start, unroll), valid)``, valid False for a traced gamma out
-    of range."""
-    callback, every, remat, unroll = options
-    checked = check_exact_inversion_loop(fn, state, x, start_step, callback, every, remat, unroll)
-    valid = check_fraction("gamma", gamma, allow_zero=fn == "bdia_sample")
-    model.check(x)
-    return checked, valid
+def _update(config: DDIMConfig):
+    """One iteration ``g (z_far - D_far(z)) + D_to(z)`` with the carry ``(z_far, z)``."""
 
-
-def _run(model, state, carry, steps: _Step, schedule, reverse, skip, return_trajectory, options):
-    """Runs ``g (z_far - D_far(z)) + D_to(z)`` with the carry ``(z_far, z)`` over ``steps`` (one
-    entry per schedule step, `run_steps`' order); returns the last pair (and the trajectory)."""
-    runtime, start, unroll = schedule
-    callback, every, remat, _ = options
-    config = state.config
-
-    def update(pair, step: _Step):
+    def step(model, pair, row: _Step):
         z_far, z = pair
-        x0, eps = predict_x0_and_eps(config, model(z, step.timestep), z, step.to)
-        d_to = step.to.sqrt_alpha_prev * x0 + step.to.direction * eps
-        d_far = step.far.sqrt_alpha_prev * x0 + step.far.direction * eps
-        return StepOutput((z, step.g * (z_far - d_far) + d_to), x0)
+        x0, eps = predict_x0_and_eps(config, model(z), z, row.to)
+        d_to = row.to.sqrt_alpha_prev * x0 + row.to.direction * eps
+        d_far = row.far.sqrt_alpha_prev * x0 + row.far.direction * eps
+        return StepOutput((z, row.g * (z_far - d_far) + d_to), x0)
 
-    out = run_steps(
-        update,
-        carry,
-        loop_order(steps, runtime, start + skip, reverse),
-        state,
-        runtime=runtime,
-        start=start,
-        reverse=reverse,
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=every,
-        remat=remat,
-        unroll=unroll,
-        skip=skip,
-    )
-    if not return_trajectory:
-        return out, None
-    final, trajectory = out
-    return final, Trajectory(trajectory.prev_sample[1], trajectory.pred_original_sample)
+    return step
+
+
+def _sample_prepare(gamma: Any):
+    def prepare(state: DDIMState, latents: Any, plan: Plan) -> Prepared:
+        valid = check_fraction("gamma", gamma, allow_zero=True)
+        pair = latent_pair(latents, BDIALatents)
+        config, dtype = state.config, plan.dtype
+        # Step k starts at timesteps[k] (model call) and goes to prev_timesteps[k]; the far level is
+        # the previous step's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
+        timesteps = state.timesteps
+        far_steps = jnp.concatenate([timesteps[:1], timesteps[:-1]])
+        g_value = jnp.asarray(gamma, dtype)
+        alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
+        if pair is None:  # the first step (start_step) is DDIM
+            x = jnp.asarray(latents, dtype)
+            carry, skip = (x, x), 0
+            g = jnp.where(jnp.arange(timesteps.shape[0]) == plan.start, jnp.zeros((), dtype), g_value)
+        else:  # the first step is done: run the rest with gamma everywhere
+            carry, skip = tuple(jnp.asarray(v, dtype) for v in pair), 1
+            g = jnp.full(timesteps.shape, g_value)
+        steps = _steps(config, timesteps, alpha(timesteps), alpha(state.prev_timesteps), alpha(far_steps), g)
+        return Prepared(carry, timesteps, _update(config), steps, valid=valid, skip=skip)
+
+    return prepare
+
+
+def _invert_prepare(gamma: Any):
+    def prepare(state: DDIMState, x0: Any, plan: Plan) -> Prepared:
+        valid = check_fraction("gamma", gamma, allow_zero=False)
+        config, dtype = state.config, plan.dtype
+        # Entry k of the tables, visited from S - 1 down to start_step: the first step (k = S - 1) is
+        # DDIM inversion to timesteps[S - 1] from x0 (the initial alpha, as `invert`); an entry k < S - 1
+        # undoes sampling step k + 1, from timesteps[k + 1] up to timesteps[k], with the far level
+        # prev_timesteps[k + 1] (where the carry's other latent is).
+        timesteps, prev = state.timesteps, state.prev_timesteps
+        entries = jnp.arange(timesteps.shape[0], dtype=jnp.int32)
+        first = entries == state.num_inference_steps - 1
+        shift = lambda v: jnp.concatenate([v[1:], v[-1:]])  # noqa: E731
+        model_timesteps = jnp.where(first, timesteps, shift(timesteps))
+        source = jnp.where(first, prev, shift(timesteps))
+        far = jnp.where(first, prev, shift(prev))
+        alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
+        g = jnp.where(first, jnp.zeros((), dtype), 1 / jnp.asarray(gamma, dtype))
+        steps = _steps(config, model_timesteps, alpha(source), alpha(timesteps), alpha(far), g)
+        x0 = jnp.asarray(x0, dtype)
+        # the model runs at the entry after k (but at k itself on the first step)
+        index = jnp.where(first, entries, jnp.minimum(entries + 1, timesteps.shape[0] - 1))
+        return Prepared((x0, x0), model_timesteps, _update(config), steps, index=index, valid=valid)
+
+    return prepare
 
 
 def bdia_sample(
@@ -191,39 +203,16 @@ def bdia_sample(
       >>> bool(jnp.allclose(bdia_sample(model_fn, state, latents), x0, rtol=1e-5, atol=1e-5))
       True
     """
-    check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    model = ModelCall(
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        model_dtype,
-        guider,
-        state,
+    method = exact_inversion_method(
         "bdia_sample",
+        "latents",
+        False,
+        _sample_prepare(gamma),
+        result=lambda pair: pair[1],
+        record=lambda pair: pair[1],
+        first=lambda latents: (latent_pair(latents, BDIALatents) or (latents,))[0],
     )
-    pair = latent_pair(latents, BDIALatents._fields)
-    x = latents if pair is None else pair[0]
-    options = (callback, callback_every, remat, unroll)
-    schedule, valid = _check("bdia_sample", model, state, x, gamma, start_step, options)
-    config, dtype = state.config, compute_dtype(x)
-    # Step k starts at timesteps[k] (model call) and goes to prev_timesteps[k]; the far level is
-    # the previous step's, timesteps[k - 1] (unused, weight 0, on a first DDIM step).
-    timesteps = state.timesteps
-    far_steps = jnp.concatenate([timesteps[:1], timesteps[:-1]])
-    gamma = jnp.asarray(gamma, dtype)
-    alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    if pair is None:  # the first step (start_step) is DDIM
-        x = jnp.asarray(x, dtype)
-        carry, skip = (x, x), 0
-        g = jnp.where(jnp.arange(timesteps.shape[0]) == schedule[1], jnp.zeros((), dtype), gamma)
-    else:  # the first step is done: run the rest with gamma everywhere
-        carry, skip = tuple(jnp.asarray(v, dtype) for v in pair), 1
-        g = jnp.full(timesteps.shape, gamma)
-    steps = _steps(config, timesteps, alpha(timesteps), alpha(state.prev_timesteps), alpha(far_steps), g)
-    final, trajectory = _run(model, state, carry, steps, schedule, False, skip, return_trajectory, options)
-    return nan_unless(valid, (final[1], trajectory) if return_trajectory else final[1])
+    return run_loop(method, model_fn, state, latents, LoopOptions.of(locals()))
 
 
 def bdia_invert(
@@ -278,37 +267,12 @@ def bdia_invert(
       >>> latents.x.shape, latents.x_next.shape
       ((1, 3), (1, 3))
     """
-    check_latents("x0", x0, "bdia_invert")
-    check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    check_sample_prediction_start(state.config, "bdia_invert")
-    model = ModelCall(
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        model_dtype,
-        guider,
-        state,
+    method = exact_inversion_method(
         "bdia_invert",
+        "x0",
+        True,
+        _invert_prepare(gamma),
+        result=lambda pair: BDIALatents(pair[1], pair[0]),
+        record=lambda pair: pair[1],
     )
-    options = (callback, callback_every, remat, unroll)
-    schedule, valid = _check("bdia_invert", model, state, x0, gamma, start_step, options)
-    config, dtype = state.config, compute_dtype(x0)
-    # Entry k of the tables, visited from S - 1 down to start_step: the first step (k = S - 1) is
-    # DDIM inversion to timesteps[S - 1] from x0 (the initial alpha, as `invert`); an entry k < S - 1
-    # undoes sampling step k + 1, from timesteps[k + 1] up to timesteps[k], with the far level
-    # prev_timesteps[k + 1] (where the carry's other latent is).
-    timesteps, prev = state.timesteps, state.prev_timesteps
-    first = jnp.arange(timesteps.shape[0]) == state.num_inference_steps - 1
-    shift = lambda v: jnp.concatenate([v[1:], v[-1:]])  # noqa: E731
-    model_timesteps = jnp.where(first, timesteps, shift(timesteps))
-    source = jnp.where(first, prev, shift(timesteps))
-    far = jnp.where(first, prev, shift(prev))
-    alpha = lambda ts: alpha_at(state, ts).astype(dtype)  # noqa: E731
-    g = jnp.where(first, jnp.zeros((), dtype), 1 / jnp.asarray(gamma, dtype))
-    steps = _steps(config, model_timesteps, alpha(source), alpha(timesteps), alpha(far), g)
-    x0 = jnp.asarray(x0, dtype)
-    final, trajectory = _run(model, state, (x0, x0), steps, schedule, True, 0, return_trajectory, options)
-    latents = BDIALatents(final[1], final[0])
-    return nan_unless(valid, (latents, trajectory) if return_trajectory else latents)
+    return run_loop(method, model_fn, state, x0, LoopOptions.of(locals()))

@@ -17,8 +17,10 @@ from ddim_jax._noise import key_batch_shape
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._state import DDIMState, check_state
 from ddim_jax._values import (
+    FINITE,
     Interval,
     as_int32,
+    check_bool,
     check_fraction,
     check_in,
     check_positive_int,
@@ -28,6 +30,7 @@ from ddim_jax._values import (
     is_int_scalar,
     is_traced,
     nan_unless,
+    numeric,
     shown,
 )
 
@@ -40,6 +43,7 @@ __all__ = [
     "check_key",
     "check_latents",
     "check_positive_int",
+    "check_bool",
     "check_ready",
     "check_same_shape",
     "check_sample_prediction_start",
@@ -51,12 +55,14 @@ __all__ = [
     "check_timesteps",
     "compute_dtype",
     "ETA",
+    "FINITE",
     "eta_in_range",
     "Interval",
     "is_int_scalar",
     "is_traced",
     "latent_pair",
     "nan_unless",
+    "numeric",
     "per_example",
     "shown",
     "timestep_range",
@@ -101,7 +107,7 @@ def check_timesteps(
 ) -> tuple[jax.Array, bool | jax.Array]:
     """Checks a scalar, per-example ``(batch,)`` or one-element timestep (see
     `check_timestep_shape`) and its range by `check_in`; returns ``(int32 timesteps, valid)``."""
-    timesteps = check_timestep_shape(name, timesteps, sample)
+    timesteps = check_timestep_shape(name, numeric(name, timesteps), sample)
     if not jnp.issubdtype(jnp.result_type(timesteps), jnp.integer):
         raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(timesteps)}")
     valid = check_in(name, timesteps, timestep_range(num_train_timesteps))
@@ -162,6 +168,7 @@ def check_eta(eta: Any, key: Any, variance_noise: Any, batch_shape: tuple[int, .
     check_key(key, batch_shape)
     if key is not None and variance_noise is not None:
         raise ValueError("pass either key or variance_noise, not both")
+    eta = numeric("eta", eta)
     if jnp.ndim(eta) != 0:
         raise ValueError(f"eta must be a scalar, got shape {jnp.shape(eta)}")
     if is_traced(eta):
@@ -207,11 +214,11 @@ def check_sample_prediction_start(config: Any, fn: str) -> None:
 def check_latents(name: str, latents: Any, fn: str) -> None:
     """One latents array: a coupled pair (`EDICTLatents`, `BDIALatents`) or a Python sequence
     gets a TypeError that says what to pass instead."""
-    if hasattr(latents, "_fields"):  # EDICTLatents, BDIALatents
+    if hasattr(latents, "_fields"):  # a coupled pair: its class names the loops it goes with
         kind = type(latents).__name__
         raise TypeError(
             f"{fn} takes {name} as one array, got a {kind} pair: "
-            f"{kind} come from and go to {_PAIR_LOOPS.get(kind, 'its own loop')}"
+            f"{kind} come from and go to {getattr(type(latents), 'loops', 'its own loop')}"
         )
     if isinstance(latents, (list, tuple, range)):
         raise TypeError(
@@ -220,20 +227,18 @@ def check_latents(name: str, latents: Any, fn: str) -> None:
         )
 
 
-_PAIR_LOOPS = {"EDICTLatents": "edict_invert / edict_sample", "BDIALatents": "bdia_invert / bdia_sample"}
-
-
-def latent_pair(latents: Any, names: tuple[str, str]) -> tuple[Any, Any] | None:
-    """The two arrays of a coupled-latents pair (a 2-sequence, or the loop's own NamedTuple),
-    or None for a single array; another loop's pair gets a TypeError."""
+def latent_pair(latents: Any, pair: type) -> tuple[Any, Any] | None:
+    """The two arrays of a coupled-latents ``pair`` (a 2-sequence, or the ``pair`` NamedTuple
+    itself), or None for a single array; another loop's pair gets a TypeError."""
     if not isinstance(latents, (tuple, list)):
         return None
+    names = pair._fields
     fields = getattr(latents, "_fields", names)
     if tuple(fields) != tuple(names):
-        expected = "EDICTLatents" if tuple(names) == ("x", "y") else "BDIALatents"
+        other = getattr(type(latents), "loops", "another loop")
         raise TypeError(
-            f"latents must be one array or {expected}{tuple(names)}, got a {type(latents).__name__}: "
-            f"it comes from {_PAIR_LOOPS.get(type(latents).__name__, 'another loop')}, whose steps differ"
+            f"latents must be one array or {pair.__name__}{tuple(names)}, got a {type(latents).__name__}: "
+            f"it comes from {other}, whose steps differ"
         )
     if len(latents) != 2:
         raise ValueError(f"latents must be one array or a pair {names}, got a sequence of {len(latents)}")

@@ -27,23 +27,20 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     check_fraction,
-    check_latents,
-    check_sample_prediction_start,
-    check_static_bools,
-    compute_dtype,
     latent_pair,
-    nan_unless,
 )
 from ddim_jax._config import DDIMConfig
 from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
-    ModelCall,
+    LoopOptions,
+    Method,
     ModelFn,
+    Plan,
+    Prepared,
     StepCallback,
     Trajectory,
-    check_exact_inversion_loop,
-    loop_order,
-    run_steps,
+    exact_inversion_method,
+    run_loop,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, predict_x0_and_eps, step_coefficients
@@ -70,6 +67,8 @@ class EDICTLatents(NamedTuple):
     x: jax.Array
     y: jax.Array
 
+    loops = "edict_invert / edict_sample"  # the loops these come from and go to (for messages)
+
 
 def affine_step(config: DDIMConfig, coef: StepCoefficients) -> tuple[jax.Array, jax.Array]:
     """``(a, b)`` with the deterministic DDIM step equal to ``a * sample + b * model_output``.
@@ -93,65 +92,66 @@ def affine_step(config: DDIMConfig, coef: StepCoefficients) -> tuple[jax.Array, 
     return to_x0 * sqrt_a + to_eps * sqrt_om, to_eps * sqrt_a - to_x0 * sqrt_om
 
 
-class _Loop(NamedTuple):
-    model: ModelCall
-    tables: tuple  # per schedule step: (timestep, coefs t -> t_prev, a, b)
-    p: jax.Array
-    dtype: Any
-    runtime: bool
-    start: int | jax.Array
-    remat: bool
-    unroll: int
-    valid: bool | jax.Array  # False for a traced mixing out of range: all-NaN outputs
+# The coupled step calls the model twice, each output used whole.
+_ONE_OUTPUT = (
+    "takes one model output per call: its coupled step cannot split it as a GuidedOutput "
+    "(CFG++) needs; use sample / invert or bdia_sample / bdia_invert"
+)
 
 
-def _setup(
-    fn: str,
-    model: ModelCall,
-    state: DDIMState,
-    x: Any,
-    mixing: Any,
-    start_step: Any,
-    callback,
-    every,
-    remat: bool,
-    unroll: Any,
-) -> _Loop:
-    runtime, start, unroll = check_exact_inversion_loop(
-        fn, state, x, start_step, callback, every, remat, unroll
+def _edict_method(name: str, mixing: Any, inverse: bool) -> Method:
+    """EDICT as a `Method`: the coupled step of the module docstring, or its inverse."""
+
+    def prepare(state: DDIMState, latents: Any, plan: Plan) -> Prepared:
+        valid = check_fraction("mixing", mixing, allow_zero=False)
+        config, dtype = state.config, plan.dtype
+        pair = None if inverse else latent_pair(latents, EDICTLatents)
+        x, y = (latents, latents) if pair is None else pair
+        carry = EDICTLatents(jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+        alpha_t = alpha_at(state, state.timesteps).astype(dtype)
+        alpha_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
+        # Every step's scalars are computed once, before the loop.
+        coefs = step_coefficients(config, alpha_t, alpha_prev, 0.0, add_noise=False)
+        a, b = affine_step(config, coefs)
+        p = jnp.asarray(mixing, dtype)
+
+        def sample_step(model, carry, row):
+            coef, a, b = row
+            x_inter = a * carry.x + b * model(carry.y)
+            out = model(x_inter)
+            y_inter = a * carry.y + b * out
+            x_new = p * x_inter + (1 - p) * y_inter
+            y_new = p * y_inter + (1 - p) * x_new
+            x0, _ = predict_x0_and_eps(config, out, x_inter, coef)
+            return StepOutput(EDICTLatents(x_new, y_new), x0)
+
+        def invert_step(model, carry, row):
+            coef, a, b = row
+            y_inter = (carry.y - (1 - p) * carry.x) / p
+            x_inter = (carry.x - (1 - p) * y_inter) / p
+            y = (y_inter - b * model(x_inter)) / a
+            out = model(y)
+            x = (x_inter - b * out) / a
+            x0_pred, _ = predict_x0_and_eps(config, out, y, coef)
+            return StepOutput(EDICTLatents(x, y), x0_pred)
+
+        step = invert_step if inverse else sample_step
+        return Prepared(carry, state.timesteps, step, (coefs, a, b), valid=valid)
+
+    def first(latents: Any) -> Any:
+        pair = None if inverse else latent_pair(latents, EDICTLatents)
+        return latents if pair is None else pair[0]
+
+    return exact_inversion_method(
+        name,
+        "x0" if inverse else "latents",
+        inverse,
+        prepare,
+        no_split_output=_ONE_OUTPUT,
+        result=(lambda carry: carry) if inverse else (lambda carry: carry.x),
+        record=lambda carry: carry.x,
+        first=first,
     )
-    valid = check_fraction("mixing", mixing, allow_zero=False)
-    model.check(x)
-    dtype = compute_dtype(x)
-    alpha_t = alpha_at(state, state.timesteps).astype(dtype)
-    alpha_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
-    # Every step's scalars are computed once, before the loop.
-    coefs = step_coefficients(state.config, alpha_t, alpha_prev, 0.0, add_noise=False)
-    a, b = affine_step(state.config, coefs)
-    tables = (state.timesteps, coefs, a, b)
-    return _Loop(model, tables, jnp.asarray(mixing, dtype), dtype, runtime, start, remat, unroll, valid)
-
-
-def _run(loop: _Loop, update, carry, state: DDIMState, reverse: bool, return_trajectory, callback, every):
-    """`run_steps` over the loop's tables; the final latents, and the trajectory of the first copy."""
-    out = run_steps(
-        update,
-        carry,
-        loop_order(loop.tables, loop.runtime, loop.start, reverse),
-        state,
-        runtime=loop.runtime,
-        start=loop.start,
-        reverse=reverse,
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=every,
-        remat=loop.remat,
-        unroll=loop.unroll,
-    )
-    if not return_trajectory:
-        return out, None
-    final, trajectory = out
-    return final, Trajectory(trajectory.prev_sample.x, trajectory.pred_original_sample)
 
 
 def edict_sample(
@@ -208,41 +208,8 @@ def edict_sample(
       >>> bool(jnp.allclose(edict_sample(model_fn, state, noise), x0, rtol=1e-5, atol=1e-5))
       True
     """
-    check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    model = ModelCall(
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        model_dtype,
-        guider,
-        state,
-        "edict_sample",
-    )
-    pair = latent_pair(latents, EDICTLatents._fields)
-    x = latents if pair is None else pair[0]
-    loop = _setup(
-        "edict_sample", model, state, x, mixing, start_step, callback, callback_every, remat, unroll
-    )
-    x, y = (x, x) if pair is None else pair
-    x, y = jnp.asarray(x, loop.dtype), jnp.asarray(y, loop.dtype)
-    config, p = state.config, loop.p
-
-    def update(carry, step_inputs):
-        t, coef, a, b = step_inputs
-        x_inter = a * carry.x + b * loop.model(carry.y, t)
-        out = loop.model(x_inter, t)
-        y_inter = a * carry.y + b * out
-        x_new = p * x_inter + (1 - p) * y_inter
-        y_new = p * y_inter + (1 - p) * x_new
-        x0, _ = predict_x0_and_eps(config, out, x_inter, coef)
-        return StepOutput(EDICTLatents(x_new, y_new), x0)
-
-    final, trajectory = _run(
-        loop, update, EDICTLatents(x, y), state, False, return_trajectory, callback, callback_every
-    )
-    return nan_unless(loop.valid, (final.x, trajectory) if return_trajectory else final.x)
+    method = _edict_method("edict_sample", mixing, inverse=False)
+    return run_loop(method, model_fn, state, latents, LoopOptions.of(locals()))
 
 
 def edict_invert(
@@ -296,37 +263,5 @@ def edict_invert(
       >>> latents.x.shape, latents.y.shape
       ((1, 3), (1, 3))
     """
-    check_latents("x0", x0, "edict_invert")
-    check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    check_sample_prediction_start(state.config, "edict_invert")
-    model = ModelCall(
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        model_dtype,
-        guider,
-        state,
-        "edict_invert",
-    )
-    loop = _setup(
-        "edict_invert", model, state, x0, mixing, start_step, callback, callback_every, remat, unroll
-    )
-    config, p = state.config, loop.p
-    x0 = jnp.asarray(x0, loop.dtype)
-
-    def update(carry, step_inputs):
-        t, coef, a, b = step_inputs
-        y_inter = (carry.y - (1 - p) * carry.x) / p
-        x_inter = (carry.x - (1 - p) * y_inter) / p
-        y = (y_inter - b * loop.model(x_inter, t)) / a
-        out = loop.model(y, t)
-        x = (x_inter - b * out) / a
-        x0_pred, _ = predict_x0_and_eps(config, out, y, coef)
-        return StepOutput(EDICTLatents(x, y), x0_pred)
-
-    final, trajectory = _run(
-        loop, update, EDICTLatents(x0, x0), state, True, return_trajectory, callback, callback_every
-    )
-    return nan_unless(loop.valid, (final, trajectory) if return_trajectory else final)
+    method = _edict_method("edict_invert", mixing, inverse=True)
+    return run_loop(method, model_fn, state, x0, LoopOptions.of(locals()))

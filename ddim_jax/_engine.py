@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddim_jax._checks import ETA, ETA_REASON, check_in, eta_in_range
+from ddim_jax._checks import ETA, ETA_REASON, Interval, check_in, eta_in_range
 from ddim_jax._config import DDIMConfig
 from ddim_jax._forward import add_noise
 from ddim_jax._guidance import classifier_free_guidance
-from ddim_jax._loop import GUIDANCE_LAYOUTS, check_model_output, check_runtime_key
+from ddim_jax._model_call import GUIDANCE_LAYOUTS, check_model_output
 from ddim_jax._noise import key_batch_shape, step_keys
 from ddim_jax._padded import schedule_is_valid
+from ddim_jax._sample import check_runtime_key
 from ddim_jax._state import DDIMState, create_state, set_timesteps
 from ddim_jax._step import StepCoefficients, alpha_at, ddim_update, step_coefficients
 
@@ -49,6 +50,7 @@ class EngineState(NamedTuple):
       stop: ``(B,)`` int32, the slot's S (where its steps end).
       occupied: ``(B,)`` bool, the slot holds a request (running, or finished and not yet released).
       guidance_scale: ``(B,)`` float32, each slot's CFG scale (unused when not guided).
+      guidance_rescale: ``(B,)`` float32, each slot's guidance rescale phi.
       cond, uncond: ``(B, *cond_shape)`` float32 conditioning (None without ``cond_shape``).
     """
 
@@ -60,6 +62,7 @@ class EngineState(NamedTuple):
     stop: jax.Array
     occupied: jax.Array
     guidance_scale: jax.Array
+    guidance_rescale: jax.Array
     cond: jax.Array | None
     uncond: jax.Array | None
 
@@ -76,7 +79,7 @@ class SlotRequest(NamedTuple):
       latents: ``latent_shape`` float32: x_T, or the image (x0) to noise when ``img2img``.
       draw_latents: bool scalar: draw x_T from the key instead of using ``latents``.
       img2img: bool scalar: noise ``latents`` to the start step's level (`add_noise`).
-      guidance_scale: float32 scalar.
+      guidance_scale, guidance_rescale: float32 scalars.
       cond, uncond: ``cond_shape`` float32, or None.
     """
 
@@ -88,6 +91,7 @@ class SlotRequest(NamedTuple):
     draw_latents: jax.Array
     img2img: jax.Array
     guidance_scale: jax.Array
+    guidance_rescale: jax.Array
     cond: jax.Array | None
     uncond: jax.Array | None
 
@@ -156,6 +160,7 @@ class EngineCore:
             stop=jnp.zeros(b, jnp.int32),
             occupied=jnp.zeros(b, bool),
             guidance_scale=jnp.zeros(b, jnp.float32),
+            guidance_rescale=jnp.zeros(b, jnp.float32),
             cond=cond(),
             uncond=cond(),  # distinct buffers: the state is donated
         )
@@ -170,6 +175,7 @@ class EngineCore:
         latents: Any = None,
         img2img: bool = False,
         guidance_scale: Any = 0.0,
+        guidance_rescale: Any = 0.0,
         cond: Any = None,
         uncond: Any = None,
     ) -> SlotRequest:
@@ -185,6 +191,7 @@ class EngineCore:
             draw_latents=jnp.asarray(latents is None),
             img2img=jnp.asarray(img2img),
             guidance_scale=jnp.asarray(guidance_scale, jnp.float32),
+            guidance_rescale=jnp.asarray(guidance_rescale, jnp.float32),
             cond=cond_zero if cond is None else jnp.asarray(cond, jnp.float32),
             uncond=cond_zero if uncond is None else jnp.asarray(uncond, jnp.float32),
         )
@@ -228,6 +235,7 @@ class EngineCore:
             stop=put(state.stop, jnp.where(valid, r.num_steps, 0)),  # invalid: done at once
             occupied=put(state.occupied, True),
             guidance_scale=put(state.guidance_scale, r.guidance_scale),
+            guidance_rescale=put(state.guidance_rescale, r.guidance_rescale),
             cond=None if state.cond is None else put(state.cond, r.cond),
             uncond=None if state.uncond is None else put(state.uncond, r.uncond),
         )
@@ -261,7 +269,8 @@ class EngineCore:
         else:
             pairs = out.reshape((x.shape[0], 2, *x.shape[1:]))
             uncond, cond_out = pairs[:, 0], pairs[:, 1]
-        return classifier_free_guidance(uncond, cond_out, state.guidance_scale)
+        # phi = 0 gives plain CFG exactly (rescale_noise_cfg: 1 * cfg + 0 * finite)
+        return classifier_free_guidance(uncond, cond_out, state.guidance_scale, state.guidance_rescale)
 
     def tick(
         self, state: EngineState, release: jax.Array, model_args: tuple = ()
@@ -314,6 +323,7 @@ class Request:
       eta: DDIM's eta in [0, 1].
       guidance_scale: the CFG scale w (a float >= 0), required by a guided engine, refused by
         an unguided one.
+      guidance_rescale: guidance rescale phi in [0, 1] (diffusers' ``guidance_rescale``), guided only.
       cond: the conditioning, of the engine's ``cond_shape`` (with ``cond_shape`` only).
       uncond: the unconditional conditioning of a guided engine (a negative prompt); default
         the engine's ``uncond``.
@@ -337,6 +347,7 @@ class Request:
     latents: Any = None
     init_latents: Any = None
     strength: float | None = None
+    guidance_rescale: float = 0.0
 
     @property
     def start_step(self) -> int:
@@ -645,10 +656,14 @@ class Engine:
             scale = _python_float("guidance_scale", req.guidance_scale)
             if scale < 0:
                 raise ValueError(f"guidance_scale must be >= 0, got {scale}")
+            rescale = _python_float("guidance_rescale", req.guidance_rescale)
+            check_in("guidance_rescale", rescale, Interval(0, 1))
         elif req.guidance_scale is not None:
             raise ValueError("guidance_scale must be None: the engine is not guided (guided=False)")
+        elif req.guidance_rescale != 0:
+            raise ValueError("guidance_rescale must be 0: the engine is not guided (guided=False)")
         else:
-            scale = 0.0
+            scale = rescale = 0.0
         cond = uncond = None
         if core.cond_shape is None:
             for name in ("cond", "uncond"):
@@ -683,7 +698,7 @@ class Engine:
             latents, img2img = None, False
         return core.request(
             s, key, start_step=req.start_step, eta=eta, latents=latents, img2img=img2img,
-            guidance_scale=scale, cond=cond, uncond=uncond,
+            guidance_scale=scale, guidance_rescale=rescale, cond=cond, uncond=uncond,
         )  # fmt: skip
 
     def submit(self, request: Request) -> RequestHandle:

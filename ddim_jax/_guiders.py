@@ -13,6 +13,7 @@ work elsewhere (the sample, alpha_cumprod, the prediction type).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax._checks import is_traced
+from ddim_jax._checks import FINITE, Interval, check_in, is_traced, nan_unless, numeric, shown
 from ddim_jax._guidance import classifier_free_guidance, per_example_value, rescale_noise_cfg
 from ddim_jax._step import GuidedOutput
 
@@ -33,9 +34,14 @@ __all__ = [
     "cfg_pp",
     "cfg_zero_star",
     "guidance_window",
+    "rescaled",
     "scale_schedule",
     "tangential_cfg",
 ]
+
+PHI = Interval(0, 1)  # guidance_rescale: phi = 0 is plain CFG, 1 matches cond's std fully
+LAMBDA = Interval(0, 1)  # CFG++'s lambda: 0 is the unconditional model
+STEPS = Interval(0, math.inf, high_open=True)  # a count of steps (cfg_zero_star's zero_init_steps)
 
 
 class GuidanceInfo(NamedTuple):
@@ -82,6 +88,9 @@ class Guider(NamedTuple):
         `guidance_window`).
       conditional_args: the positions in ``model_args`` holding conditioning for the doubled
         batch; where ``active`` is False the model sees their conditional half alone.
+      valid: True, or the traced verdict on the guider's parameters (the bad-input rule: False
+        makes ``apply``'s output NaN; a `guidance_window` guides then, so that the NaN shows
+        even where it would not guide).
 
     Example (a guider of your own: CFG on the conditional output's side):
       >>> import jax.numpy as jnp
@@ -97,6 +106,7 @@ class Guider(NamedTuple):
     apply: Callable[[Any, jax.Array, jax.Array, GuidanceInfo], tuple[Any, Any]]
     active: Callable[[GuidanceInfo], jax.Array] | None = None
     conditional_args: tuple[int, ...] = ()
+    valid: bool | jax.Array = True
 
 
 class ScaleSchedule(NamedTuple):
@@ -130,12 +140,12 @@ def scale_schedule(values: Any) -> ScaleSchedule:
       >>> guider.init(jnp.zeros((1, 4)))
       ()
     """
-    if jnp.ndim(values) not in (1, 2):
+    values = numeric("scale_schedule values", values)
+    if jnp.ndim(values) not in (1, 2) or jnp.shape(values)[0] == 0:
         raise ValueError(
-            f"scale_schedule values must have shape (S,) or (S, batch), got shape {jnp.shape(values)}"
+            "scale_schedule values must have shape (S,) or (S, batch) with S >= 1, "
+            f"got shape {jnp.shape(values)}"
         )
-    if not jnp.issubdtype(jnp.result_type(values), jnp.number):
-        raise TypeError(f"scale_schedule values must be numbers, got dtype {jnp.result_type(values)}")
     return ScaleSchedule(values)
 
 
@@ -153,24 +163,32 @@ def _value(name: str, value: Any, info: GuidanceInfo, like: jax.Array) -> Any:
     return per_example_value(name, value, like)
 
 
-def _check_value(name: str, value: Any) -> None:
-    """A scalar, a ``(batch,)`` array or a `ScaleSchedule` (the batch is checked at the first step)."""
+def _param(name: str, value: Any, interval: Interval = FINITE) -> tuple[Any, bool | jax.Array]:
+    """The bad-input rule for a guider parameter: ``(value, verdict)`` for a scalar, one value
+    per example ``(batch,)`` (the batch is checked at the first step; a Python list becomes an
+    array) or a `ScaleSchedule`, every value in ``interval`` by `check_in` (a known value
+    outside raises; a traced one gives the verdict that the guider's output gets by
+    `nan_unless`)."""
     if isinstance(value, ScaleSchedule):
-        return
+        value = scale_schedule(value.values)  # one built by hand gets the same checks
+        return value, check_in(name, value.values, interval)
+    value = numeric(name, value)
     if jnp.ndim(value) > 1:
         raise ValueError(
             f"{name} must be a scalar, one value per example (shape (batch,)) or a scale_schedule, "
             f"got shape {jnp.shape(value)}"
         )
-    if not jnp.issubdtype(jnp.result_type(value), jnp.number):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+    return value, check_in(name, value, interval)
 
 
-def _known(value: Any) -> np.ndarray | None:
-    """The value as a float64 array when it is known in Python (not traced), else None."""
-    if isinstance(value, ScaleSchedule):
-        value = value.values
-    return None if is_traced(value) else np.asarray(value, np.float64)
+def _params(**params: tuple[Any, Interval]) -> tuple[list[Any], bool | jax.Array]:
+    """`_param` for each ``name=(value, interval)``: the values, and True or the traced verdict."""
+    values, valid = [], True
+    for name, (value, interval) in params.items():
+        value, ok = _param(name, value, interval)
+        values.append(value)
+        valid = valid & ok
+    return values, valid
 
 
 def _stateless(latents: jax.Array) -> tuple:
@@ -182,6 +200,44 @@ def _rescaled(guided: jax.Array, cond: jax.Array, guidance_rescale: Any, info: G
     if isinstance(phi, (int, float)) and phi == 0:
         return guided
     return rescale_noise_cfg(guided, cond, jnp.reshape(phi, jnp.shape(phi)[:1]))
+
+
+def rescaled(guider: Guider, guidance_rescale: Any = 0.7) -> Guider:
+    """Guidance rescale (Lin et al. 2023, Sec. 3.4) around any guider: its output's standard
+    deviation, per example, pulled towards the conditional output's by phi.
+
+    ``cfg(w, phi)`` is CFG then this rescale, as diffusers' ``guidance_rescale``; the other
+    guiders' ``guidance_rescale=phi`` is ``rescaled(guider, phi)``, and so is a guider of your
+    own. A window or a conditional-args setting of the wrapped guider is kept.
+
+    Args:
+      guider: the `Guider` whose output is rescaled (one array per step, not a `GuidedOutput`).
+      guidance_rescale: phi in [0, 1]; a scalar, one per example ``(batch,)``, or a
+        `scale_schedule`. 0 leaves the output unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from ddim_jax import Guider, rescaled
+      >>> double = Guider(lambda latents: (), lambda state, u, c, info: (2 * c, state))
+      >>> cond = jnp.array([[1.0, -1.0]])
+      >>> out, _ = rescaled(double, 1.0).apply((), cond, cond, None)  # std pulled back to cond's
+      >>> out.tolist()
+      [[1.0, -1.0]]
+    """
+    if not isinstance(guider, Guider):
+        raise TypeError(f"guider must be a Guider, got {type(guider).__name__}")
+    (guidance_rescale,), valid = _params(guidance_rescale=(guidance_rescale, PHI))
+
+    def apply(state, uncond, cond, info):
+        guided, state = guider.apply(state, uncond, cond, info)
+        if isinstance(guided, GuidedOutput):
+            raise ValueError(
+                "rescaled: the guider returned a GuidedOutput (CFG++), which has no one guided "
+                "output to rescale"
+            )
+        return nan_unless(valid, _rescaled(guided, cond, guidance_rescale, info)), state
+
+    return guider._replace(apply=apply, valid=guider.valid & valid)
 
 
 def cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
@@ -201,16 +257,17 @@ def cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
       >>> guided.tolist()
       [[3.0, 3.0]]
     """
-    _check_value("guidance_scale", guidance_scale)
-    _check_value("guidance_rescale", guidance_rescale)
+    (guidance_scale, guidance_rescale), valid = _params(
+        guidance_scale=(guidance_scale, FINITE), guidance_rescale=(guidance_rescale, PHI)
+    )
 
     def apply(state, uncond, cond, info):
         w = _value("guidance_scale", guidance_scale, info, cond)
         phi = _value("guidance_rescale", guidance_rescale, info, cond)
         flat = lambda v: v if isinstance(v, (int, float)) else jnp.reshape(v, jnp.shape(v)[:1])  # noqa: E731
-        return classifier_free_guidance(uncond, cond, flat(w), flat(phi)), state
+        return nan_unless(valid, classifier_free_guidance(uncond, cond, flat(w), flat(phi))), state
 
-    return Guider(_stateless, apply)
+    return Guider(_stateless, apply, valid=valid)
 
 
 def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_rescale: Any = 0.0) -> Guider:
@@ -234,13 +291,11 @@ def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_
       >>> guided.tolist()  # s = 2: 2 * uncond + 3 * (cond - 2 * uncond)
       [[2.0, 3.0]]
     """
-    _check_value("guidance_scale", guidance_scale)
-    _check_value("guidance_rescale", guidance_rescale)
-    steps = _known(zero_init_steps)
+    (guidance_scale,), valid = _params(guidance_scale=(guidance_scale, FINITE))
+    zero_init_steps = numeric("zero_init_steps", zero_init_steps)
     if jnp.ndim(zero_init_steps) != 0 or not jnp.issubdtype(jnp.result_type(zero_init_steps), jnp.integer):
-        raise TypeError(f"zero_init_steps must be an int scalar, got {zero_init_steps!r}")
-    if steps is not None and steps < 0:
-        raise ValueError(f"zero_init_steps must be an int >= 0, got {int(steps)}")
+        raise TypeError(f"zero_init_steps must be an int scalar, got {shown(zero_init_steps)}")
+    valid = valid & check_in("zero_init_steps", zero_init_steps, STEPS, " (the steps that output zeros)")
 
     def apply(state, uncond, cond, info):
         w = _value("guidance_scale", guidance_scale, info, cond)
@@ -250,9 +305,9 @@ def cfg_zero_star(guidance_scale: Any = 7.5, zero_init_steps: Any = 1, guidance_
         guided = scaled + w * (cond - scaled)
         if info is not None:
             guided = jnp.where(info.step < zero_init_steps, jnp.zeros_like(guided), guided)
-        return _rescaled(guided, cond, guidance_rescale, info), state
+        return nan_unless(valid, guided), state
 
-    return Guider(_stateless, apply)
+    return rescaled(Guider(_stateless, apply, valid=valid), guidance_rescale)
 
 
 def apg(
@@ -287,11 +342,14 @@ def apg(
       >>> [round(v, 3) for v in guided[0].tolist()]  # d = (1, 0): orthogonal part (0.5, -0.5)
       [1.0, 0.0]
     """
-    for name, value in [("guidance_scale", guidance_scale), ("norm_threshold", norm_threshold), ("eta", eta)]:
-        _check_value(name, value)
-    _check_value("guidance_rescale", guidance_rescale)
+    (guidance_scale, norm_threshold, eta), valid = _params(
+        guidance_scale=(guidance_scale, FINITE),
+        norm_threshold=(norm_threshold, FINITE),
+        eta=(eta, FINITE),
+    )
     if momentum is not None:
-        _check_value("momentum", momentum)
+        momentum, momentum_valid = _param("momentum", momentum)
+        valid = valid & momentum_valid
 
     def init(latents):
         if momentum is None:
@@ -312,9 +370,9 @@ def apg(
         parallel = jnp.sum(diff * unit, axis=axes, keepdims=True) * unit
         update = diff - parallel + _value("eta", eta, info, cond) * parallel
         guided = uncond + _value("guidance_scale", guidance_scale, info, cond) * update
-        return _rescaled(guided, cond, guidance_rescale, info), state
+        return nan_unless(valid, guided), state
 
-    return Guider(init, apply)
+    return rescaled(Guider(init, apply, valid=valid), guidance_rescale)
 
 
 def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Guider:
@@ -337,8 +395,7 @@ def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Gu
       >>> [round(v, 4) for v in guided[0].tolist()]
       [1.0, 2.0]
     """
-    _check_value("guidance_scale", guidance_scale)
-    _check_value("guidance_rescale", guidance_rescale)
+    (guidance_scale,), valid = _params(guidance_scale=(guidance_scale, FINITE))
 
     def apply(state, uncond, cond, info):
         pair = jnp.stack([cond.reshape(cond.shape[0], -1), uncond.reshape(uncond.shape[0], -1)], 1)
@@ -349,9 +406,9 @@ def tangential_cfg(guidance_scale: Any = 7.5, guidance_rescale: Any = 0.0) -> Gu
         weight = jnp.sum(pair[:, 1] * direction, axis=1) / jnp.where(length > 0, length, 1.0)
         projected = (weight[:, None] * direction).reshape(uncond.shape).astype(uncond.dtype)
         guided = projected + _value("guidance_scale", guidance_scale, info, cond) * (cond - projected)
-        return _rescaled(guided, cond, guidance_rescale, info), state
+        return nan_unless(valid, guided), state
 
-    return Guider(_stateless, apply)
+    return rescaled(Guider(_stateless, apply, valid=valid), guidance_rescale)
 
 
 def cfg_pp(guidance_scale: Any = 0.6) -> Guider:
@@ -374,27 +431,59 @@ def cfg_pp(guidance_scale: Any = 0.6) -> Guider:
       >>> out.denoise.tolist(), out.renoise.tolist()
       ([[0.5, 0.5]], [[0.0, 0.0]])
     """
-    _check_value("guidance_scale", guidance_scale)
-    known = _known(guidance_scale)
-    if known is not None and not ((known >= 0) & (known <= 1)).all():
-        raise ValueError(f"cfg_pp's guidance_scale (lambda) must be in [0, 1], got {known.tolist()}")
+    guidance_scale, valid = _param("cfg_pp's guidance_scale (lambda)", guidance_scale, LAMBDA)
 
     def apply(state, uncond, cond, info):
         lam = _value("guidance_scale", guidance_scale, info, cond)
-        lam = jnp.where((lam >= 0) & (lam <= 1), lam, jnp.nan)
         guided = uncond + lam * (cond - uncond)
-        if info is not None and info.inverse:
-            return GuidedOutput(uncond, guided), state
-        return GuidedOutput(guided, uncond), state
+        inverse = info is not None and info.inverse
+        out = GuidedOutput(uncond, guided) if inverse else GuidedOutput(guided, uncond)
+        return nan_unless(valid, out), state
 
-    return Guider(_stateless, apply)
+    return Guider(_stateless, apply, valid=valid)
 
 
-def _first_step(fraction: Any, num_steps: Any) -> Any:
-    """diffusers' ``int(fraction * S)``: in Python when both are known, else floor in float32."""
-    if not is_traced(fraction) and isinstance(num_steps, int):
-        return int(float(fraction) * num_steps)
-    return jnp.floor(jnp.asarray(fraction, jnp.float32) * num_steps).astype(jnp.int32)
+# A window's product f S is taken as the integer it is within this relative float32 round-off
+# of (4 ulps): f = k / 100 reaches float32 as k / 100 (1 + d) with |d| <= 2**-24, so f S lands
+# within 2**-23 f S of an integer k S / 100 when it is one, and 0.01 or more away otherwise.
+SNAP = 2.0**-21
+
+
+def _window_step(fraction: Any, num_steps: Any) -> jax.Array:
+    """``floor(fraction * S)``, the same for known and traced values (one float32 formula for
+    both): the float32 product, or the integer it is within `SNAP` of. Exact, ``k S // 100``,
+    for every ``fraction = k / 100`` and S <= 1000 (diffusers' float64 ``int(f * S)`` is not:
+    ``int(0.58 * 50) = 28``)."""
+    product = jnp.asarray(fraction, jnp.float32) * jnp.asarray(num_steps, jnp.float32)
+    nearest = jnp.round(product)
+    # Comparisons with the product, not a difference: no fused multiply-add can change them.
+    snapped = (product >= nearest * (1 - SNAP)) & (product <= nearest * (1 + SNAP))
+    return jnp.where(snapped, nearest, jnp.floor(product)).astype(jnp.int32)
+
+
+def check_guidance_combination(guidance_scale: Any, guidance_rescale: Any, layout: str, guider: Any) -> None:
+    """A loop's guidance arguments that would be silently ignored together get a ValueError:
+    ``guidance_rescale`` without ``guidance_scale`` (or beside a ``guider``, which has its own),
+    ``guidance_layout="interleave"`` without guidance, a guider's ``conditional_args`` without
+    ``active`` (only a window calls the model on the conditional half)."""
+    rescaled = is_traced(guidance_rescale) or not (
+        isinstance(guidance_rescale, (int, float, np.number, np.ndarray, jax.Array))
+        and np.all(np.asarray(guidance_rescale) == 0)
+    )
+    if rescaled and guidance_scale is None:
+        where = "guider's own guidance_rescale, e.g. cfg(w, phi)" if guider is not None else "guidance_scale"
+        raise ValueError(
+            f"guidance_rescale={shown(guidance_rescale)} is used only with guidance_scale: pass the {where}"
+        )
+    if guider is None and guidance_scale is None and layout != "concat":
+        raise ValueError(
+            f"guidance_layout={layout!r} orders the doubled batch of a guided call: it needs guidance"
+        )
+    if isinstance(guider, Guider) and guider.conditional_args and guider.active is None:
+        raise ValueError(
+            f"the guider's conditional_args {guider.conditional_args} are used only by a guider with "
+            "active (a guidance_window): it guides every step, so the model always sees the doubled batch"
+        )
 
 
 def guidance_window(
@@ -412,6 +501,12 @@ def guidance_window(
     branches compile once (``lax.cond``); ``start`` and ``stop`` may be traced. The wrapped
     guider's state is left unchanged outside the window (APG's momentum pauses there).
 
+    The window's steps are the same whether ``start``, ``stop`` and S are known or traced (a
+    runtime-length state): one float32 formula, exact for decimal fractions (``start = k /
+    100`` starts at step ``k S // 100`` for every S <= 1000). diffusers' float64 ``int(f S)``
+    rounds 49 of those 101,000 products below the integer they are (``int(0.58 * 50) = 28``);
+    here guidance starts at step 29 there. A traced window outside the ranges below gives NaN.
+
     Args:
       guider: the guider to apply inside the window.
       start: the fraction of the S steps before the window, in [0, 1).
@@ -427,30 +522,31 @@ def guidance_window(
     if not isinstance(guider, Guider):
         raise TypeError(f"guider must be a Guider, got {type(guider).__name__}")
     for name, value in [("start", start), ("stop", stop)]:
-        if jnp.ndim(value) != 0:
+        if jnp.ndim(numeric(name, value)) != 0:
             raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    first, last = _known(start), _known(stop)
-    if first is not None and not 0.0 <= first < 1.0:
-        raise ValueError(f"start must be in [0, 1), got {float(first)}")
-    if last is not None and not (first if first is not None else 0.0) <= last <= 1.0:
-        raise ValueError(f"stop must be in [start, 1], got start={start!r}, stop={float(last)}")
+    # Checked as the float32 values the window computes with (0.9999999999999999 is 1 there).
+    start, stop = (v if is_traced(v) else np.float32(v) for v in (start, stop))
+    valid = check_in("start", start, Interval(0, 1, high_open=True), " (as float32)")
+    valid = valid & check_in("stop", stop, Interval(0, 1), " (and >= start)")
+    if not is_traced(start) and not is_traced(stop) and float(stop) < float(start):
+        raise ValueError(f"stop must be in [start, 1], got start={float(start)}, stop={float(stop)}")
+    valid = valid & (jnp.asarray(start <= stop) if is_traced(start) or is_traced(stop) else True)
+    valid = valid & guider.valid
     if not isinstance(conditional_args, tuple) or not all(
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in conditional_args
     ):
         raise TypeError(f"conditional_args must be a tuple of ints >= 0, got {conditional_args!r}")
 
-    def valid():
-        return jnp.asarray((start >= 0) & (start < 1) & (start <= stop) & (stop <= 1))
-
     def active(info):
-        inside = (_first_step(start, info.num_steps) <= info.step) & (
-            info.step < _first_step(stop, info.num_steps)
+        inside = (_window_step(start, info.num_steps) <= info.step) & (
+            info.step < _window_step(stop, info.num_steps)
         )
-        inside = inside | ~valid()  # an invalid traced window guides (to NaN, below)
+        inside = inside | ~jnp.asarray(valid)  # an invalid traced window or guider guides (to NaN)
         return inside if guider.active is None else inside & guider.active(info)
 
     def apply(state, uncond, cond, info):
         guided, state = guider.apply(state, uncond, cond, info)
-        return jax.tree.map(lambda v: jnp.where(valid(), v, jnp.nan), guided), state
+        return nan_unless(valid, guided), state
 
-    return Guider(guider.init, apply, active, tuple(sorted(set(guider.conditional_args + conditional_args))))
+    positions = tuple(sorted(set(guider.conditional_args + conditional_args)))
+    return Guider(guider.init, apply, active, positions, valid)

@@ -8,12 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from ddim_jax._checks import (
-    check_latents,
     check_ready,
     check_same_shape,
     check_sample_prediction_start,
     check_state_timesteps,
-    check_static_bools,
     check_timesteps,
     compute_dtype,
     is_traced,
@@ -22,14 +20,15 @@ from ddim_jax._checks import (
 from ddim_jax._config import DDIMConfig
 from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
-    GuidedCarry,
-    ModelCall,
+    LoopOptions,
+    Method,
     ModelFn,
+    Plan,
+    Prepared,
     StepCallback,
+    Supports,
     Trajectory,
-    check_loop_options,
-    check_schedule_options,
-    run_steps,
+    run_loop,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
@@ -138,50 +137,27 @@ def invert(
       >>> bool(jnp.allclose(sample(model_fn, state, x_T), x0, atol=5e-3))
       True
     """
-    check_ready(state, "invert")
-    check_latents("x0", x0, "invert")
-    check_static_bools(return_trajectory=return_trajectory, remat=remat)
-    check_loop_options(x0, callback, callback_every)
-    runtime, start, unroll = check_schedule_options("invert", state, start_step, remat, unroll)
-    model = ModelCall(
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        model_dtype,
-        guider,
-        state,
-        "invert",
+    return run_loop(
+        inversion_method(Supports("invert", inverse=True)), model_fn, state, x0, LoopOptions.of(locals())
     )
-    model.check(x0)
-    config = state.config
-    check_sample_prediction_start(config, "invert")
-    dtype = compute_dtype(x0)
-    # runtime: all M entries in schedule order, visited from S - 1 down to start
-    timesteps = state.timesteps if runtime else state.timesteps[start:][::-1]
-    # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
-    alphas_source = alpha_at(state, _source_timestep(state, timesteps)).astype(dtype)
-    coefs = _inverse_coefficients(config, alphas_source, alpha_at(state, timesteps).astype(dtype))
 
-    def update(carry, step_inputs):
-        (x, guider_state), (t, coef) = carry, step_inputs
-        out, guider_state = model.guided(x, t, guider_state)
-        x, x0 = _inverse_update(config, coef, out, x)
-        return StepOutput(GuidedCarry(x, guider_state), x0)
 
-    x = jnp.asarray(x0, dtype)
-    return run_steps(
-        update,
-        GuidedCarry(x, model.init(x)),
-        (timesteps, coefs),
-        state,
-        runtime=runtime,
-        start=start,
-        reverse=True,
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
-        unroll=unroll,
-    )
+def inversion_method(supports: Supports) -> Method:
+    """DDIM inversion as a `Method`: `inverse_step` at each entry, the schedule last to first."""
+
+    def check(state: DDIMState) -> None:
+        check_sample_prediction_start(state.config, supports.name)
+
+    def prepare(state: DDIMState, x0: Any, plan: Plan) -> Prepared:
+        config, dtype = state.config, plan.dtype
+        # Every step's scalars are computed once, before the loop: a step is one elementwise pass.
+        alphas_source = alpha_at(state, _source_timestep(state, state.timesteps)).astype(dtype)
+        alphas = alpha_at(state, state.timesteps).astype(dtype)
+        coefs = _inverse_coefficients(config, alphas_source, alphas)
+
+        def step(model, x, coef):
+            return _inverse_update(config, coef, model(x), x)
+
+        return Prepared(jnp.asarray(x0, dtype), state.timesteps, step, coefs)
+
+    return Method(supports, "x0", True, prepare, check=check)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._config import DDIMConfig
-from ddim_jax._schedule import inference_timesteps
+from ddim_jax._schedule import inference_timesteps, previous_timesteps
 
 __all__ = ["padded_schedule", "padded_prev_timesteps", "schedule_is_valid"]
 
@@ -77,11 +77,8 @@ def padded_schedule(config: DDIMConfig, num_steps: jax.Array, max_steps: int) ->
 def padded_prev_timesteps(config: DDIMConfig, timesteps: jax.Array, num_steps: jax.Array) -> jax.Array:
     """``prev_timesteps`` for padded ``timesteps`` per ``config.prev_timestep_rule``."""
     index = jnp.arange(timesteps.shape[0], dtype=jnp.int32)
-    if config.prev_timestep_rule == "diffusers":
-        prev = timesteps - config.num_train_timesteps // jnp.maximum(num_steps, 1)
-    else:
-        prev = jnp.where(index + 1 < num_steps, jnp.roll(timesteps, -1), -1)
-    return jnp.where(index < num_steps, prev, PADDING)
+    prev = previous_timesteps(config, timesteps, num_steps)
+    return jnp.where(index < num_steps, prev, PADDING).astype(jnp.int32)
 
 
 def schedule_is_valid(timesteps: jax.Array, num_steps, start_step, num_train_timesteps: int) -> jax.Array:

@@ -18,22 +18,19 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import (
     Interval,
-    check_eta,
     check_in,
     check_latents,
     check_positive_int,
     check_ready,
-    check_static_bools,
     compute_dtype,
-    eta_in_range,
     nan_unless,
 )
 from ddim_jax._guiders import Guider
-from ddim_jax._loop import ModelCall, ModelFn, check_loop_options, check_runtime_key, check_schedule_options
-from ddim_jax._noise import normal_noise, step_keys
-from ddim_jax._padded import schedule_is_valid
+from ddim_jax._loop import ModelFn, Plan, check_loop_options, check_schedule_options, steps_to_run
+from ddim_jax._model_call import ModelCall, Supports
+from ddim_jax._sample import ddim_method
 from ddim_jax._state import DDIMState
-from ddim_jax._step import alpha_at, ddim_update, step_coefficients
+from ddim_jax._step import alpha_at, step_coefficients
 
 __all__ = ["ParallelResult", "parallel_sample"]
 
@@ -172,94 +169,126 @@ def parallel_sample(
       >>> int(fast.iterations) < 50, len(traces)
       (True, 1)
     """
-    check_ready(state, "parallel_sample")
-    check_latents("latents", latents, "parallel_sample")
-    check_static_bools(use_clipped_model_output=use_clipped_model_output)
-    check_loop_options(latents, None, 1)
-    if jnp.shape(latents)[0] == 0:
-        raise ValueError(f"parallel_sample needs at least one example, got latents of shape {latents.shape}")
-    runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
-    model = ModelCall(
+    method = ddim_method(SUPPORTS, key, eta, use_clipped_model_output)
+    plan, num_steps, valid = _plan(method, state, latents, start_step)
+    model = ModelCall.build(
+        SUPPORTS,
+        state,
+        latents,
         model_fn,
         model_args,
         guidance_scale,
         guidance_rescale,
         guidance_layout,
-        model_dtype,
         guider,
-        state,
-        "parallel_sample",
+        model_dtype,
     )
-    model.check(latents)
-    add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
     window = check_positive_int("window", window, " (steps per batched model call)")
-    schedule_steps, max_steps = state.num_inference_steps, state.max_steps
-    if runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
-        check_runtime_key(key)
-        valid = schedule_is_valid(state.timesteps, schedule_steps, start, state.config.num_train_timesteps)
-        num_steps = jnp.where(valid, schedule_steps - start, 0)
-        p = min(window, max_steps)
-    else:
-        valid, num_steps = True, schedule_steps - start
-        p = min(window, num_steps)
-    # Traced and invalid: NaN outputs and converged=False.
-    values_valid = eta_in_range(eta) & _check_tolerance(tolerance)
-    max_iterations, iterations_valid = _check_max_iterations(max_iterations, num_steps)
-    values_valid = values_valid & iterations_valid
     if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):
         raise TypeError(
             f"window_sharding must be a jax.sharding.Sharding or None, got {type(window_sharding).__name__}"
         )
-    config = state.config
-    dtype = compute_dtype(latents)
-    x = jnp.asarray(latents, dtype)
-    # Tables over the whole schedule (M entries for a runtime-length one); step k of the run is
-    # entry start + k.
-    timesteps = state.timesteps
-    keys = step_keys(key, max_steps) if add_noise else None
-    alphas_t = alpha_at(state, timesteps).astype(dtype)
+    ddim = method.prepare(state, latents, plan)
+    # Traced and invalid: NaN outputs and converged=False.
+    max_iterations, iterations_valid = _check_max_iterations(max_iterations, num_steps)
+    values_valid = ddim.valid & _check_tolerance(tolerance) & iterations_valid
+    p = min(window, state.max_steps if plan.runtime else num_steps)
+    picard = _Picard(
+        ddim, model, plan, num_steps, p, _thresholds(state, plan.dtype, tolerance), window_sharding
+    )
+    rows = state.max_steps if plan.runtime else num_steps  # residuals of the steps run, then NaN
+    x = ddim.carry
+    init = _Carry(
+        jnp.int32(0),
+        jnp.int32(0),
+        x,
+        picard.constrain(jnp.broadcast_to(x, (p,) + x.shape)),
+        jnp.zeros((rows + p,), plan.dtype),
+    )
+
+    def running(carry: _Carry) -> jax.Array:
+        return (carry.begin < num_steps) & (carry.iteration < max_iterations)
+
+    end = jax.lax.while_loop(running, picard.round, init)
+    converged = valid & (end.begin >= num_steps)
+    # Out of iterations: the current guess of x_S (within the window, or its last sample).
+    guess_of_last = end.guess[jnp.clip(num_steps - end.begin - 1, 0, p - 1)]
+    final = jnp.where(valid, jnp.where(converged, end.x_start, guess_of_last), jnp.nan)
+    residuals = jnp.where(jnp.arange(rows) < num_steps, end.residuals[:rows], jnp.nan)
+    result = ParallelResult(final, end.iteration, converged & values_valid, residuals)
+    return nan_unless(values_valid, result)
+
+
+SUPPORTS = Supports("parallel_sample", no_guider_state="its steps do not run in order")
+
+
+def _plan(method, state: DDIMState, latents: Any, start_step: Any) -> tuple[Plan, Any, Any]:
+    """The checks of `parallel_sample`'s schedule and latents: ``(plan, steps to run, valid)``,
+    valid False (traced) when S, ``start_step`` or the schedule are out of range."""
+    check_ready(state, "parallel_sample")
+    check_latents("latents", latents, "parallel_sample")
+    check_loop_options(latents, None, 1)
+    runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
+    plan = Plan(runtime, start, compute_dtype(latents))
+    if runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
+        valid, num_steps = steps_to_run(state, start)
+        return plan, num_steps, valid
+    return plan, state.num_inference_steps - start, True
+
+
+def _thresholds(state: DDIMState, dtype: Any, tolerance: Any) -> jax.Array:
+    """The acceptance threshold of the sample after each entry: tolerance^2 times the DDPM
+    posterior variance (eta = 1) of the next entry (the last step's own for the final sample,
+    whose test never decides the stride)."""
+    alphas_t = alpha_at(state, state.timesteps).astype(dtype)
     alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
-    coefs = step_coefficients(config, alphas_t, alphas_prev, jnp.asarray(eta, dtype), add_noise)
-    # The acceptance threshold of the sample after step k: tolerance^2 times the DDPM posterior
-    # variance (eta = 1) of step k + 1 (the last step's own for the final sample, whose test
-    # never decides the stride).
-    variance = step_coefficients(config, alphas_t, alphas_prev, 1.0, add_noise=True).std ** 2
-    has_next = jnp.arange(max_steps) + 1 < schedule_steps
-    threshold = jnp.asarray(tolerance, dtype) ** 2 * jnp.where(has_next, jnp.roll(variance, -1), variance)
+    variance = step_coefficients(state.config, alphas_t, alphas_prev, 1.0, add_noise=True).std ** 2
+    has_next = jnp.arange(state.max_steps) + 1 < state.num_inference_steps
+    return jnp.asarray(tolerance, dtype) ** 2 * jnp.where(has_next, jnp.roll(variance, -1), variance)
 
-    def constrain(a: jax.Array) -> jax.Array:
-        return a if window_sharding is None else jax.lax.with_sharding_constraint(a, window_sharding)
 
-    def one_step(x, t, coef, step_key):
-        noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
-        out = ddim_update(
-            config, coef, model(x, t), x, noise=noise, use_clipped_model_output=use_clipped_model_output
-        )
-        return out.prev_sample
+class _Picard(NamedTuple):
+    """One Picard round over a window of ``p`` steps, on the DDIM method's rows and step."""
 
-    window_steps = jax.vmap(one_step)
-    offsets = jnp.arange(p)
-    example_axes = tuple(range(2, x.ndim + 1))
+    ddim: Any  # the DDIM method's `Prepared`: its tables (whole schedule) and step
+    model: ModelCall
+    plan: Plan
+    num_steps: Any  # the steps run: entries plan.start .. plan.start + num_steps - 1
+    p: int
+    threshold: jax.Array
+    window_sharding: Any
 
-    def body(carry: _Carry) -> _Carry:
+    def constrain(self, a: jax.Array) -> jax.Array:
+        if self.window_sharding is None:
+            return a
+        return jax.lax.with_sharding_constraint(a, self.window_sharding)
+
+    def window_steps(self, inputs: jax.Array, entry: jax.Array) -> jax.Array:
+        """The DDIM step of each window entry from its input sample (one batched model call)."""
+
+        def one(x, t, index, row):
+            return self.ddim.step(lambda x: self.model(x, t, index), x, row).prev_sample
+
+        rows = jax.tree.map(lambda v: None if v is None else v[entry], self.ddim.rows)
+        return jax.vmap(one)(inputs, self.ddim.timesteps[entry], entry, rows)
+
+    def round(self, carry: _Carry) -> _Carry:
         begin, iteration, x_start, guess, residuals = carry
+        p, x = self.p, x_start
+        offsets = jnp.arange(p)
         index = begin + offsets
-        k = jnp.minimum(index, num_steps - 1)  # steps past the end repeat the last; masked below
-        entry = start + k
-        inputs = constrain(jnp.concatenate([x_start[None], guess[:-1]]))
-        outputs = window_steps(
-            inputs,
-            timesteps[entry],
-            jax.tree.map(lambda c: c[entry], coefs),
-            None if keys is None else keys[entry],
-        )
-        live = (index < num_steps).reshape((p,) + (1,) * x.ndim)
+        k = jnp.minimum(index, self.num_steps - 1)  # steps past the end repeat the last; masked below
+        entry = self.plan.start + k
+        inputs = self.constrain(jnp.concatenate([x_start[None], guess[:-1]]))
+        outputs = self.window_steps(inputs, entry)
+        live = (index < self.num_steps).reshape((p,) + (1,) * x.ndim)
         drift = jnp.where(live, outputs - inputs, 0)
-        new_guess = constrain(x_start + jnp.cumsum(drift, axis=0))
+        new_guess = self.constrain(x_start + jnp.cumsum(drift, axis=0))
+        example_axes = tuple(range(2, x.ndim + 1))
         mean_square = jnp.max(jnp.mean((new_guess - guess) ** 2, axis=example_axes), axis=1)  # (p,)
-        accepted = mean_square <= threshold[entry]
+        accepted = mean_square <= self.threshold[entry]
         first_rejected = jnp.where(jnp.all(accepted), p, jnp.argmin(accepted))
-        stride = jnp.minimum(jnp.minimum(first_rejected + 1, p), num_steps - begin)
+        stride = jnp.minimum(jnp.minimum(first_rejected + 1, p), self.num_steps - begin)
         # A masked write rather than dynamic_update_slice, which refuses to mix the buffer made
         # here with a value computed from mesh-typed latents (jax.make_mesh's Explicit axes).
         window_position = jnp.arange(residuals.shape[0]) - begin
@@ -268,29 +297,9 @@ def parallel_sample(
             in_window, jnp.sqrt(mean_square)[jnp.clip(window_position, 0, p - 1)], residuals
         )
         return _Carry(
-            begin + stride,
+            (begin + stride).astype(jnp.int32),  # argmin is int64 under jax_enable_x64
             iteration + 1,
             new_guess[stride - 1],
             new_guess[jnp.minimum(offsets + stride, p - 1)],
             residuals,
         )
-
-    def running(carry: _Carry) -> jax.Array:
-        return (carry.begin < num_steps) & (carry.iteration < max_iterations)
-
-    rows = max_steps if runtime else num_steps  # residuals of the steps run, then NaN
-    init = _Carry(
-        jnp.int32(0),
-        jnp.int32(0),
-        x,
-        constrain(jnp.broadcast_to(x, (p,) + x.shape)),
-        jnp.zeros((rows + p,), dtype),
-    )
-    end = jax.lax.while_loop(running, body, init)
-    converged = valid & (end.begin >= num_steps)
-    # Out of iterations: the current guess of x_S (within the window, or its last sample).
-    guess_of_last = end.guess[jnp.clip(num_steps - end.begin - 1, 0, p - 1)]
-    final = jnp.where(valid, jnp.where(converged, end.x_start, guess_of_last), jnp.nan)
-    residuals = jnp.where(jnp.arange(rows) < num_steps, end.residuals[:rows], jnp.nan)
-    result = ParallelResult(final, end.iteration, converged & values_valid, residuals)
-    return nan_unless(values_valid, result)

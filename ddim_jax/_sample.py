@@ -7,30 +7,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import (
-    check_eta,
-    check_latents,
-    check_ready,
-    check_static_bools,
-    compute_dtype,
-    eta_in_range,
-    nan_unless,
-)
+from ddim_jax._checks import check_eta, check_static_bools, eta_in_range
 from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
-    GuidedCarry,
-    ModelCall,
+    LoopOptions,
+    Method,
     ModelFn,
+    Plan,
+    Prepared,
     StepCallback,
+    Supports,
     Trajectory,
-    check_loop_options,
-    check_runtime_key,
-    check_schedule_options,
-    run_steps,
+    run_loop,
 )
-from ddim_jax._noise import normal_noise, step_keys
+from ddim_jax._noise import is_per_example, normal_noise, step_keys
 from ddim_jax._state import DDIMState
-from ddim_jax._step import StepOutput, alpha_at, ddim_update, step_coefficients
+from ddim_jax._step import alpha_at, ddim_update, step_coefficients
 
 __all__ = ["sample"]
 
@@ -161,56 +153,56 @@ def sample(
       >>> len(traces)
       1
     """
-    check_ready(state, "sample")
-    check_latents("latents", latents, "sample")
-    check_static_bools(
-        return_trajectory=return_trajectory, remat=remat, use_clipped_model_output=use_clipped_model_output
-    )
-    check_loop_options(latents, callback, callback_every)
-    runtime, start, unroll = check_schedule_options("sample", state, start_step, remat, unroll)
-    model = ModelCall(
-        model_fn, model_args, guidance_scale, guidance_rescale, guidance_layout, model_dtype, guider, state
-    )
-    model.check(latents)
-    add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
-    valid = eta_in_range(eta)  # traced and outside [0, 1]: all-NaN outputs
-    config = state.config
-    dtype = compute_dtype(latents)
-    x = jnp.asarray(latents, dtype)
-    eta = jnp.asarray(eta, dtype)
-    if runtime:  # all M entries; the loop reads [start, S)
-        check_runtime_key(key)
-        timesteps, prev_timesteps = state.timesteps, state.prev_timesteps
+    method = ddim_method(Supports("sample"), key, eta, use_clipped_model_output)
+    return run_loop(method, model_fn, state, latents, LoopOptions.of(locals()))
+
+
+def ddim_method(supports: Supports, key: Any, eta: Any, use_clipped_model_output: bool) -> Method:
+    """DDIM sampling as a `Method`: each entry's step from its timestep to the previous one, its
+    coefficients and noise key computed for the whole schedule before the loop."""
+
+    def prepare(state: DDIMState, latents: Any, plan: Plan) -> Prepared:
+        check_static_bools(use_clipped_model_output=use_clipped_model_output)
+        add_noise = check_eta(eta, key, None, jnp.shape(latents)[:1])
+        if plan.runtime:
+            check_runtime_key(key)
+        dtype = plan.dtype
+        # step i draws from split(key, M)[i] (M = S for a static schedule)
         keys = step_keys(key, state.max_steps) if add_noise else None
-    else:
-        timesteps, prev_timesteps = state.timesteps[start:], state.prev_timesteps[start:]
-        keys = step_keys(key, state.num_inference_steps)[start:] if add_noise else None
-    # Every step's scalars are computed once, before the scan: a step is one elementwise pass.
-    alphas_t = alpha_at(state, timesteps).astype(dtype)
-    alphas_prev = alpha_at(state, prev_timesteps).astype(dtype)
-    coefs = step_coefficients(config, alphas_t, alphas_prev, eta, add_noise)
+        # Every step's scalars are computed once, before the loop: a step is one elementwise pass.
+        alphas_t = alpha_at(state, state.timesteps).astype(dtype)
+        alphas_prev = alpha_at(state, state.prev_timesteps).astype(dtype)
+        coefs = step_coefficients(state.config, alphas_t, alphas_prev, jnp.asarray(eta, dtype), add_noise)
 
-    def update(carry, step_inputs):
-        (x, guider_state), (t, coef, step_key) = carry, step_inputs
-        out, guider_state = model.guided(x, t, guider_state)
-        noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
-        x, x0 = ddim_update(
-            config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
+        def step(model, x, row):
+            coef, step_key = row
+            out = model(x)
+            noise = normal_noise(step_key, x.shape, dtype) if add_noise else None
+            return ddim_update(
+                state.config, coef, out, x, noise=noise, use_clipped_model_output=use_clipped_model_output
+            )
+
+        x = jnp.asarray(latents, dtype)
+        return Prepared(x, state.timesteps, step, (coefs, keys), valid=eta_in_range(eta))
+
+    return Method(supports, "latents", False, prepare)
+
+
+def check_runtime_key(key: Any) -> None:
+    """The runtime-length loop draws step i's key from ``split(key, M)[i]``, which equals the
+    static loop's ``split(key, S)[i]`` only with partitionable threefry (jax's default)."""
+    if key is None:
+        return
+    if not jax.config.jax_threefry_partitionable:
+        raise ValueError(
+            "a runtime-length sample with key needs jax.config.jax_threefry_partitionable = True "
+            "(the default), so that step i's key split(key, M)[i] equals split(key, S)[i]"
         )
-        return StepOutput(GuidedCarry(x, guider_state), x0)
-
-    result = run_steps(
-        update,
-        GuidedCarry(x, model.init(x)),
-        (timesteps, coefs, keys),
-        state,
-        runtime=runtime,
-        start=start,
-        reverse=False,
-        return_trajectory=return_trajectory,
-        callback=callback,
-        callback_every=callback_every,
-        remat=remat,
-        unroll=unroll,
-    )
-    return nan_unless(valid, result)
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    if impl == "unsafe_rbg" and is_per_example(key):
+        raise ValueError(
+            "a runtime-length sample cannot take one unsafe_rbg key per example: split under vmap "
+            "gives split(key, M)[i] != split(key, S)[i] for them; pass threefry2x32 or rbg keys, "
+            "or one unsafe_rbg key for the batch"
+        )

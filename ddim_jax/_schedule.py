@@ -1,18 +1,20 @@
-"""The schedule arithmetic on the host: a config's betas and diffusers' inference timesteps.
+"""The schedule arithmetic: a config's betas, diffusers' inference timesteps and the rule for
+the timestep a step moves to.
 
-Plain float64 / int64 numpy, below the state (`ddim_jax._state`) and the padded tables
-(`ddim_jax._padded`), which both build on it.
+Float64 / int64 numpy on the host (the rule also on jax arrays), below the state
+(`ddim_jax._state`), the padded tables (`ddim_jax._padded`) and `step`, which all build on it.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax._config import DDIMConfig
 
-__all__ = ["betas_for_config", "inference_timesteps"]
+__all__ = ["betas_for_config", "inference_timesteps", "previous_timesteps"]
 
 
 def _alpha_bar_cosine(t: float) -> float:
@@ -64,3 +66,29 @@ def inference_timesteps(config: DDIMConfig, num_inference_steps: int) -> np.ndar
     # trailing: numpy's arange rounds to S + 1 entries for some S (61, 103, ... at T = 1000), the
     # last one ~1e-13 that becomes timestep -1 (so does diffusers'); the first S are the schedule.
     return np.round(np.arange(n_train, 0, -n_train / s)[:s]).astype(np.int64) - 1
+
+
+def previous_timesteps(config: DDIMConfig, timesteps, num_steps):
+    """The timestep each step moves to, per ``config.prev_timestep_rule``: the one home of the rule.
+
+    ``"diffusers"``: ``t - T // S``, elementwise, so ``timesteps`` may be any timesteps (`step`
+    applies it to the one it is given). ``"schedule"``: the next entry of the descending
+    schedule ``timesteps`` (its first ``num_steps`` entries; -1, the final alpha, after the
+    last). numpy in, numpy out (the state's static tables); jax arrays, with ``num_steps``
+    traced, for the padded tables of a runtime-length state.
+
+    Example:
+      >>> import numpy as np
+      >>> from ddim_jax import DDIMConfig
+      >>> ts = np.array([900, 500, 100])
+      >>> previous_timesteps(DDIMConfig(), ts, 3).tolist()
+      [567, 167, -233]
+      >>> previous_timesteps(DDIMConfig(prev_timestep_rule="schedule"), ts, 3).tolist()
+      [500, 100, -1]
+    """
+    host = isinstance(timesteps, np.ndarray) and isinstance(num_steps, (int, np.integer))
+    xp = np if host else jnp
+    if config.prev_timestep_rule == "diffusers":
+        return timesteps - config.num_train_timesteps // xp.maximum(num_steps, 1)
+    index = xp.arange(timesteps.shape[0])
+    return xp.where(index + 1 < num_steps, xp.roll(timesteps, -1), -1)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ddim_jax import _padded
 from ddim_jax._config import DDIMConfig
-from ddim_jax._schedule import betas_for_config, inference_timesteps
+from ddim_jax._schedule import betas_for_config, inference_timesteps, previous_timesteps
 from ddim_jax._values import as_int32, is_int_scalar, shown
 
 __all__ = ["DDIMState", "create_state", "set_timesteps"]
@@ -179,14 +179,35 @@ def _check_custom_timesteps(config: DDIMConfig, timesteps: np.ndarray) -> None:
         raise ValueError(f"timesteps must be in descending order, got {values}")
 
 
+def _steps_off_grid(config: DDIMConfig, timesteps, count):
+    """Under ``prev_timestep_rule="diffusers"``, whether some step ``i < count - 1`` of a custom
+    grid moves to ``t_i - T // count`` instead of the grid's next entry ``t_{i+1}`` (numpy or
+    traced jax arrays alike). The last step may go anywhere below: diffusers' rule there."""
+    if config.prev_timestep_rule != "diffusers":
+        return False
+    xp = jnp if isinstance(timesteps, jax.core.Tracer) or isinstance(count, jax.core.Tracer) else np
+    grid = dataclasses.replace(config, prev_timestep_rule="schedule")  # each entry to the next
+    moved = previous_timesteps(config, timesteps, count) != previous_timesteps(grid, timesteps, count)
+    return (moved & (xp.arange(timesteps.shape[0]) + 1 < count)).any()
+
+
+def _refuse_off_grid(config: DDIMConfig, timesteps: np.ndarray) -> None:
+    """A known custom grid that the diffusers rule would step off raises (see `set_timesteps`)."""
+    if _steps_off_grid(config, timesteps, timesteps.size):
+        gap = config.num_train_timesteps // timesteps.size
+        i = int(np.argmax(timesteps[:-1] - gap != timesteps[1:]))
+        raise ValueError(
+            f"timesteps {timesteps.tolist()} are not spaced by num_train_timesteps // S = {gap}: with "
+            f"prev_timestep_rule='diffusers' (the default) step {i} would move from {timesteps[i]} to "
+            f"{timesteps[i] - gap}, not to the next entry {timesteps[i + 1]}. Use "
+            "DDIMConfig(prev_timestep_rule='schedule') to step from each entry to the next"
+        )
+
+
 def _static_schedule(state: DDIMState, timesteps: np.ndarray) -> DDIMState:
     """``state`` with the static schedule ``timesteps`` (host ints, descending) and the previous
     timestep of each step per ``config.prev_timestep_rule``."""
-    config = state.config
-    if config.prev_timestep_rule == "diffusers":
-        prev = timesteps - config.num_train_timesteps // len(timesteps)
-    else:
-        prev = np.append(timesteps[1:], -1)
+    prev = previous_timesteps(state.config, timesteps, len(timesteps))
     return dataclasses.replace(
         state,
         # cast on the host and device_put: jnp.asarray compiles a conversion per new S
@@ -212,12 +233,17 @@ def _custom_schedule(state: DDIMState, timesteps: object, num_steps: object, max
     if num_steps is None and not traced:  # a static schedule
         values = np.asarray(timesteps, np.int64)
         _check_custom_timesteps(config, values)
+        _refuse_off_grid(config, values)
         return _static_schedule(state, values)
     count = _runtime_count(length if num_steps is None else num_steps, length)
-    if not traced and not isinstance(count, jax.core.Tracer):
+    known = not traced and not isinstance(count, jax.core.Tracer)
+    if known:
         _check_custom_timesteps(config, np.asarray(timesteps, np.int64)[: int(count)])
+        _refuse_off_grid(config, np.asarray(timesteps, np.int64)[: int(count)])
     index = jnp.arange(length, dtype=jnp.int32)
     padded = jnp.where(index < count, as_int32(timesteps), _padded.PADDING)
+    if not known:  # a traced grid off the diffusers rule: all -1, so the loops return NaN
+        padded = jnp.where(_steps_off_grid(config, padded, count), _padded.PADDING, padded)
     prev = _padded.padded_prev_timesteps(config, padded, count)
     return dataclasses.replace(state, timesteps=padded, prev_timesteps=prev, num_steps=count)
 
@@ -247,8 +273,10 @@ def set_timesteps(
       length M = ``len(ts)`` of which the first S entries count (S may be traced). Known
       values are validated here; traced ones make the loops return NaN when they are not a
       descending schedule in range. The previous timestep follows
-      ``config.prev_timestep_rule``: with ``"diffusers"`` a step moves to ``t - T // S`` as
-      diffusers' step does; use ``"schedule"`` to step to the next entry of an uneven schedule.
+      ``config.prev_timestep_rule``: with ``"schedule"`` each step moves to the next entry;
+      with ``"diffusers"`` (the default) a step moves to ``t - T // S`` as diffusers' step
+      does, so a grid not spaced by ``T // S`` (up to its last entry) would step off it: that
+      raises a ``ValueError`` (and, traced, makes the loops return NaN).
 
     Example:
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps
@@ -259,8 +287,9 @@ def set_timesteps(
       >>> padded.timesteps.tolist(), int(padded.num_steps)
       ([999, 749, 499, 249, -1, -1], 4)
       >>> quadratic = [int(0.999 * i * i) for i in range(31, 0, -5)]  # floor(c i^2), descending
-      >>> set_timesteps(state, timesteps=quadratic).timesteps.tolist()
-      [960, 675, 440, 255, 120, 35, 0]
+      >>> uneven = create_state(DDIMConfig(prev_timestep_rule="schedule"))  # step to the next entry
+      >>> set_timesteps(uneven, timesteps=quadratic).prev_timesteps.tolist()
+      [675, 440, 255, 120, 35, 0, -1]
     """
     check_state(state)
     if timesteps is not None:

@@ -23,6 +23,7 @@ from ddim_jax._checks import (
 )
 from ddim_jax._config import DDIMConfig
 from ddim_jax._noise import normal_noise
+from ddim_jax._schedule import previous_timesteps
 from ddim_jax._state import DDIMState
 
 __all__ = ["GuidedOutput", "StepOutput", "step", "MIN_ALPHA_CUMPROD"]
@@ -210,8 +211,9 @@ def ddim_update(
 def prev_timestep(state: DDIMState, timesteps: jax.Array) -> jax.Array:
     """The timestep a step from ``timesteps`` moves to, per ``config.prev_timestep_rule``."""
     config = state.config
-    if config.prev_timestep_rule == "diffusers":
-        return timesteps - config.num_train_timesteps // state.num_inference_steps
+    if config.prev_timestep_rule == "diffusers":  # elementwise: any timestep
+        return previous_timesteps(config, timesteps, state.num_inference_steps)
+    # "schedule": the entry after the timestep's own, read from the state's table
     if not is_traced(timesteps) and not is_traced(state.timesteps):  # else check_state_timesteps
         missing = np.setdiff1d(np.asarray(timesteps), np.asarray(state.timesteps))
         if missing.size:

@@ -9,6 +9,7 @@ module may import it at module level.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, NamedTuple, TypeVar
 
@@ -22,7 +23,9 @@ __all__ = [
     "check_fraction",
     "check_in",
     "check_static_bools",
+    "FINITE",
     "nan_unless",
+    "numeric",
     "check_positive_int",
     "check_same_shape",
     "compute_dtype",
@@ -80,7 +83,7 @@ def compute_dtype(*arrays: Any) -> jnp.dtype:
 
 def check_fraction(name: str, value: Any, *, allow_zero: bool) -> bool | jax.Array:
     """A scalar in (0, 1] (or [0, 1]), by `check_in`: True, or a traced verdict for `nan_unless`."""
-    if jnp.ndim(value) != 0:
+    if jnp.ndim(numeric(name, value)) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
     return check_in(name, value, Interval(0, 1, low_open=not allow_zero))
 
@@ -110,6 +113,42 @@ class Interval(NamedTuple):
         return above & below
 
 
+FINITE = Interval(-math.inf, math.inf, low_open=True, high_open=True)
+"""Every finite number: the range of a parameter that takes any real value (NaN and inf refused)."""
+
+
+def numeric(name: str, value: Any) -> Any:
+    """``value`` if it is a number or an array of numbers (a tracer, a jax or numpy array, a
+    Python int or float), a Python list or tuple of numbers as a numpy array; anything else
+    (a string, None, a bool, a complex number, a nested pytree) gets a TypeError naming ``name``.
+
+    Example:
+      >>> numeric("guidance_scale", [1.0, 2.0])
+      array([1., 2.])
+      >>> numeric("guidance_scale", ".5")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      TypeError: guidance_scale must be a number or an array of numbers, got the str '.5' ...
+    """
+    if is_traced(value) or isinstance(value, (jax.Array, np.ndarray, np.number)):
+        kind = jnp.result_type(value)
+        if jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating):
+            return value
+        raise TypeError(f"{name} must hold numbers (an integer or float dtype), got dtype {kind}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            array = np.asarray(None)
+        if array.dtype.kind in "iuf" and array.size:
+            return array
+    what = f"the {type(value).__name__} {value!r}"
+    if isinstance(value, str):
+        what += " (convert it to a number first)"
+    raise TypeError(f"{name} must be a number or an array of numbers, got {what}")
+
+
 def check_in(name: str, value: Any, interval: Interval, why: str = "") -> bool | jax.Array:
     """The bad-input rule for one parameter (a scalar or an array: every element must be in).
 
@@ -117,7 +156,8 @@ def check_in(name: str, value: Any, interval: Interval, why: str = "") -> bool |
     and the interval (``why`` adds the reason); then True is returned. A traced value returns
     a traced bool, False when an element is outside (or NaN), for `nan_unless`. The
     comparison runs in the value's own dtype, before any narrowing cast, so an int64 under
-    ``jax_enable_x64`` cannot wrap into range.
+    ``jax_enable_x64`` cannot wrap into range. A value that is not a number (a string, None,
+    a bool: see `numeric`) gets a TypeError naming ``name``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -129,11 +169,13 @@ def check_in(name: str, value: Any, interval: Interval, why: str = "") -> bool |
       >>> jax.jit(lambda eta: check_in("eta", eta, Interval(0, 1)))(1.5)
       Array(False, dtype=bool)
     """
+    value = numeric(name, value)
     if is_traced(value):
         return jnp.all(interval.holds(value))
     values = np.asarray(value)
     if values.size and not np.all(interval.holds(values)):
-        raise ValueError(f"{name} must be in {interval}{why}, got {values.tolist()}")
+        expected = "finite" if interval == FINITE else f"in {interval}"
+        raise ValueError(f"{name} must be {expected}{why}, got {values.tolist()}")
     return True
 
 
@@ -181,9 +223,24 @@ def as_int32(value: Any) -> jax.Array:
     return jnp.asarray(value, jnp.int32)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A Python bool (or a numpy bool scalar); a string such as ``"false"``, whose truth is
+    True, an int or None gets a TypeError naming ``name``.
+
+    Example:
+      >>> check_bool("remat", "false")
+      Traceback (most recent call last):
+      TypeError: remat must be a bool (True or False), got the str 'false'
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got the {type(value).__name__} {value!r}")
+
+
 def check_static_bools(**flags: Any) -> None:
     """Flags that choose the structure of the compiled program (``return_trajectory``,
-    ``remat``, ...) must be known in Python: a traced one gets a TypeError that says so."""
+    ``remat``, ...) must be Python bools: a traced one gets a TypeError that says it must be
+    static, any other non-bool one `check_bool`'s."""
     for name, value in flags.items():
         if is_traced(value):
             raise TypeError(
@@ -191,3 +248,4 @@ def check_static_bools(**flags: Any) -> None:
                 "compiled program, so it cannot be traced (pass it as a static argument, e.g. "
                 f"jax.jit(f, static_argnames={name!r}), or close over it)"
             )
+        check_bool(name, value)

@@ -11,12 +11,16 @@ program) and image-to-image ``--strength``; the VAE decodes to a PNG. Nothing is
   (``diffusion_flax_model.msgpack``) load as they are; PyTorch weights
   (``diffusion_pytorch_model.safetensors`` / ``.bin``) are converted with diffusers' key renaming
   (what ``from_pt=True`` does, which in diffusers 0.35 reads only ``.bin``; needs torch).
-  The prompt is encoded by transformers' ``FlaxCLIPTextModel`` where it is importable
-  (transformers < 5; Flax was removed in transformers 5), else pass ``--prompt-embeds`` (an
-  ``.npy`` of shape ``(77, 768)`` for SD-1.5, e.g. saved from torch CLIP) and optionally
-  ``--negative-embeds`` (default: zeros, a stand-in for the empty prompt's embeddings).
+  ``--prompt`` is encoded by transformers' ``FlaxCLIPTextModel`` (transformers < 5; Flax was
+  removed in transformers 5) from the folder's ``text_encoder/`` and ``tokenizer/``; or pass
+  ``--prompt-embeds`` (an ``.npy`` of shape ``(77, 768)`` for SD-1.5, e.g. saved from torch
+  CLIP) and optionally ``--negative-embeds`` (default: zeros). A folder without
+  ``scheduler/`` needs ``--sd15-scheduler`` to sample with SD-1.5's schedule.
+- Every argument is checked before a model loads (``--steps``/``--max-steps`` against the
+  schedule, ``--batch >= 1``, finite guidance values, files that exist); a user error prints
+  one line and exits with status 2.
 - Without ``--model-dir``: random weights at the SD-1.5 config (860M-parameter UNet) and random
-  stand-in embeddings; the PNG is then noise, the run shows the cost.
+  stand-in embeddings (or ``--prompt-embeds``); the PNG is then noise, the run shows the cost.
 - ``--tiny``: a tiny random UNet and VAE, for a CPU smoke run (seconds; tests run it).
 
 Run:
@@ -28,6 +32,8 @@ Run:
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -179,14 +185,87 @@ def _from_pytorch(cls, root: Path, sub: str, dtype: Any):
     return model, unflatten_dict(params)
 
 
-def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
-    """A local diffusers-format folder: UNet, VAE, scheduler config, and the text encoder where
-    transformers' Flax CLIP is importable. PyTorch weights are converted (needs torch)."""
+class UsageError(ValueError):
+    """A user error: `main` prints it on one line and exits with status 2."""
+
+
+def flax_clip_importable() -> bool:
+    """transformers' ``FlaxCLIPTextModel`` is there (transformers < 5; Flax was removed in 5)."""
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return hasattr(transformers, "FlaxCLIPTextModel")
+
+
+def check_args(args: argparse.Namespace) -> ddim_jax.DDIMConfig:
+    """Every argument checked before a model loads (a `UsageError` names the flag); returns the
+    scheduler config: the folder's ``scheduler/``, or SD-1.5's with ``--sd15-scheduler``."""
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    for flag in ("guidance_scale", "guidance_rescale", "strength"):
+        if not math.isfinite(getattr(args, flag)):
+            raise UsageError(f"--{flag.replace('_', '-')} must be finite, got {getattr(args, flag)}")
+    if not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.prompt is not None and args.prompt_embeds:
+        raise UsageError("pass --prompt or --prompt-embeds, not both")
+    if args.negative_embeds and not args.prompt_embeds:
+        raise UsageError("--negative-embeds goes with --prompt-embeds")
+    for flag in ("prompt_embeds", "negative_embeds", "init_image", "latents"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise UsageError(f"--{flag.replace('_', '-')} {path!r} is not a file")
+    config = SD15_SCHEDULER
+    if args.model_dir:
+        root = Path(args.model_dir)
+        if not (root / "unet").is_dir():
+            what = "has no unet/ folder (a diffusers-format model)" if root.is_dir() else "is not a folder"
+            raise UsageError(f"--model-dir {str(root)!r} {what}")
+        if (root / "scheduler").is_dir():
+            try:
+                config = ddim_jax.DDIMConfig.from_pretrained(root)
+            except (ValueError, TypeError, OSError) as err:
+                raise UsageError(f"--model-dir {str(root)!r}: scheduler/: {err}") from None
+        elif not args.sd15_scheduler:
+            raise UsageError(
+                f"--model-dir {str(root)!r} has no scheduler/ folder: pass --sd15-scheduler to sample "
+                "with Stable Diffusion 1.5's schedule"
+            )
+        if args.prompt is None and not args.prompt_embeds:
+            raise UsageError(
+                "pass --prompt (with text_encoder/ and tokenizer/ in the folder) or --prompt-embeds"
+            )
+        if args.prompt is not None:
+            if not ((root / "text_encoder").is_dir() and (root / "tokenizer").is_dir()):
+                raise UsageError(
+                    f"--prompt needs text_encoder/ and tokenizer/ in --model-dir {str(root)!r}: pass "
+                    "--prompt-embeds (an .npy of the prompt's CLIP embeddings) instead"
+                )
+            if not flax_clip_importable():
+                raise UsageError(
+                    "--prompt needs transformers' FlaxCLIPTextModel (transformers < 5): install "
+                    "'transformers<5' or pass --prompt-embeds"
+                )
+    elif args.prompt is not None:
+        raise UsageError(
+            "--prompt needs a text encoder, and random models have none: pass --model-dir or --prompt-embeds"
+        )
+    try:
+        ddim_jax.set_timesteps(ddim_jax.create_state(config), args.steps, max_steps=args.max_steps)
+    except ValueError as err:
+        raise UsageError(f"--steps {args.steps} / --max-steps {args.max_steps}: {err}") from None
+    return config
+
+
+def load_models(
+    model_dir: str | Path, dtype: Any, scheduler: ddim_jax.DDIMConfig, *, text_encoder: bool
+) -> Models:
+    """A local diffusers-format folder (checked by `check_args`): UNet, VAE and, with
+    ``text_encoder``, transformers' Flax CLIP. PyTorch weights are converted (needs torch)."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
     root = Path(model_dir)
-    if not (root / "unet").is_dir():
-        raise FileNotFoundError(f"--model-dir {str(root)!r} has no unet/ folder (a diffusers-format model)")
     loaded = []
     for cls, sub in ((FlaxUNet2DConditionModel, "unet"), (FlaxAutoencoderKL, "vae")):
         if _pytorch_weights(root / sub) is not None:
@@ -194,20 +273,14 @@ def load_models(model_dir: str | Path, dtype: Any = jnp.bfloat16) -> Models:
         else:
             loaded.append(cls.from_pretrained(root, subfolder=sub, dtype=dtype))
     (unet, unet_params), (vae, vae_params) = loaded
-    scheduler = ddim_jax.DDIMConfig.from_pretrained(root) if (root / "scheduler").is_dir() else SD15_SCHEDULER
     text = None
-    if (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
-        try:
-            from transformers import CLIPTokenizer, FlaxCLIPTextModel
-        except ImportError:
-            print(
-                "transformers' FlaxCLIPTextModel is not importable (transformers >= 5): pass --prompt-embeds"
-            )
-        else:
-            tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-            from_pt = _pytorch_weights(root / "text_encoder") is not None
-            encoder = FlaxCLIPTextModel.from_pretrained(root, subfolder="text_encoder", from_pt=from_pt)
-            text = (tokenizer, encoder)
+    if text_encoder:
+        from transformers import CLIPTokenizer, FlaxCLIPTextModel
+
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+        from_pt = _pytorch_weights(root / "text_encoder") is not None
+        encoder = FlaxCLIPTextModel.from_pretrained(root, subfolder="text_encoder", from_pt=from_pt)
+        text = (tokenizer, encoder)
     return Models(unet, unet_params, vae, vae_params, scheduler, text)
 
 
@@ -294,11 +367,33 @@ def encode_image(models: Models, path: str | Path, key: jax.Array) -> jax.Array:
     return latents * models.vae.config.scaling_factor
 
 
+def load_embeddings(flag: str, path: str, dim: int) -> np.ndarray:
+    """An ``(L, dim)`` float32 array from an ``.npy`` file, or a `UsageError`."""
+    try:
+        values = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{flag} {path!r} is not an .npy file ({err})") from None
+    if values.ndim != 2 or values.shape[1] != dim or not np.issubdtype(values.dtype, np.floating):
+        raise UsageError(
+            f"{flag} must hold floats of shape (L, {dim}) for this UNet, got {values.dtype} {values.shape}"
+        )
+    return values.astype(np.float32)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the example; a user error prints one line and exits with status 2."""
+    try:
+        return run(argv)
+    except UsageError as err:
+        print(f"stable_diffusion.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="local diffusers-format model folder (nothing is downloaded)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a CPU smoke run")
-    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    parser.add_argument("--prompt", help="the prompt (needs text_encoder/ and tokenizer/ in --model-dir)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--prompt-embeds", help=".npy prompt embeddings (77, D), instead of a text encoder")
     parser.add_argument("--negative-embeds", help=".npy negative embeddings (77, D); default zeros")
@@ -309,51 +404,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--latents", help=".npy initial latents (batch, 4, h, w), instead of drawing them")
     parser.add_argument("--init-image", help="image-to-image: the starting image")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     parser.add_argument(
         "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="UNet/VAE compute"
     )
+    parser.add_argument(
+        "--sd15-scheduler",
+        action="store_true",
+        help="a --model-dir without scheduler/: use SD-1.5's schedule",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="stable_diffusion.png")
     args = parser.parse_args(argv)
-    if not 1 <= args.steps <= args.max_steps:
-        parser.error(f"--steps must be in [1, --max-steps={args.max_steps}], got {args.steps}")
-    if not 0 < args.strength <= 1:
-        parser.error(f"--strength must be in (0, 1], got {args.strength}")
+    scheduler = check_args(args)
 
     dtype = jnp.dtype(args.dtype)
     t0 = time.perf_counter()
-    models = (
-        load_models(args.model_dir, dtype) if args.model_dir else random_models(args.tiny, dtype, args.seed)
-    )
+    if args.model_dir:
+        models = load_models(args.model_dir, dtype, scheduler, text_encoder=args.prompt is not None)
+    else:
+        models = random_models(args.tiny, dtype, args.seed)
     source = args.model_dir or ("tiny, random" if args.tiny else "SD-1.5 config, random")
     print(f"models ready in {time.perf_counter() - t0:.1f} s ({source})")
 
     d = models.embed_dim
     rng = np.random.default_rng(args.seed)
     if args.prompt_embeds:
-        positive = np.load(args.prompt_embeds).astype(np.float32)
+        positive = load_embeddings("--prompt-embeds", args.prompt_embeds, d)
         negative = (
-            np.load(args.negative_embeds).astype(np.float32)
+            load_embeddings("--negative-embeds", args.negative_embeds, d)
             if args.negative_embeds
             else np.zeros_like(positive)
         )
+        if negative.shape != positive.shape:
+            raise UsageError(
+                f"--negative-embeds has shape {negative.shape}, --prompt-embeds {positive.shape}"
+            )
     elif models.text is not None:
         negative, positive = encode_prompts(models, args.prompt, args.negative_prompt)
-    else:  # random stand-ins of CLIP's shape
+    else:  # random models: random stand-ins of CLIP's shape
         negative, positive = (rng.standard_normal((TEXT_LENGTH, d)).astype(np.float32) for _ in range(2))
-    if positive.shape[-1] != d or negative.shape != positive.shape:
-        raise ValueError(
-            f"prompt embeddings must be (L, {d}) each, got {positive.shape} and {negative.shape}"
-        )
     b = args.batch
     context = jnp.concatenate(
         [jnp.broadcast_to(negative, (b, *negative.shape)), jnp.broadcast_to(positive, (b, *positive.shape))]
     )
 
     k_noise, k_image = jax.random.split(jax.random.key(args.seed))
-    noise = jax.random.normal(k_noise, (b, 4, models.latent_size, models.latent_size))
+    shape = (b, 4, models.latent_size, models.latent_size)
+    if args.latents:
+        noise = jnp.asarray(np.load(args.latents), jnp.float32)
+        if noise.shape != shape:
+            raise UsageError(f"--latents must have shape {shape} (--batch, 4, h, w), got {noise.shape}")
+    else:
+        noise = jax.random.normal(k_noise, shape)
     image_to_image = args.init_image is not None
     init = (
         jnp.broadcast_to(encode_image(models, args.init_image, k_image), noise.shape)

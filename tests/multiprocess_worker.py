@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import ddim_jax
 from ddim_jax import (
     DDIMConfig,
     DDIMState,
@@ -160,6 +161,35 @@ def assemble(mesh: jax.sharding.Mesh) -> Inputs:
     return Inputs(**arrays)
 
 
+def engine_stream(mesh: jax.sharding.Mesh | None) -> list[np.ndarray]:
+    """A guided `ddim_jax.Engine` (4 slots, sharded over ``mesh``) serving a fixed stream of
+    mixed requests; the results in submission order. Every process calls it: process 0 submits
+    (and decides admission), the others follow its broadcasts; only process 0 gets results."""
+    engine = ddim_jax.Engine(
+        lambda x, t, w, emb: model_fn(x, t[:, None, None], w, emb),  # t: one timestep per row
+        DDIMConfig(clip_sample=False), slots=4, latent_shape=LATENT, max_steps=8,
+        model_args=(np.float32(0.8),), cond_shape=(LATENT[0],), guided=True, guidance_layout="interleave",
+        mesh=mesh,
+    )  # fmt: skip
+    if jax.process_index() != 0:
+        engine.run_until_idle()
+        return []
+    rng = np.random.default_rng(1)
+    handles = []
+    for i in range(10):
+        extra = {}
+        if i % 3 == 2:
+            extra = dict(init_latents=rng.standard_normal(LATENT, np.float32), strength=0.5)
+        request = ddim_jax.Request(
+            int(rng.integers(2, 9)), jax.random.key(i), eta=float(i % 2), guidance_scale=float(i),
+            cond=rng.standard_normal(LATENT[0], np.float32), **extra,
+        )  # fmt: skip
+        handles.append(engine.submit(request))
+    engine.cancel(handles[4])
+    engine.run_until_idle()
+    return [h.result() for h in handles if h.status == "done"]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--coordinator", required=True, help="127.0.0.1:port of process 0's coordinator")
@@ -171,6 +201,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--loops", nargs="+", choices=list(LOOPS), default=list(LOOPS), help="LOOPS entries to run"
     )
     p.add_argument("--rounds", type=int, default=1, help="times to run the loops; 0: until an error")
+    p.add_argument("--engine", action="store_true", help="run engine_stream instead of the loops")
     p.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds (JAX's default: 100)")
     return p.parse_args(argv)
 
@@ -195,6 +226,13 @@ def main(argv: list[str]) -> None:
     )
     if jax.device_count() != args.num_processes * args.devices:
         raise SystemExit(f"expected {args.num_processes} x {args.devices} devices, got {jax.devices()}")
+    if args.engine:
+        results = engine_stream(batch_mesh(jax.devices()))
+        print(f"process {args.process_id}: engine done, {time.perf_counter() - start:.1f} s", flush=True)
+        if args.process_id == 0:
+            np.savez(args.out / "results.npz", engine=np.stack(results))
+        jax.distributed.shutdown()
+        return
     inputs = assemble(batch_mesh(jax.devices()))
     state = ddim_state()
     loops = {name: compile_loop(name, state, inputs) for name in args.loops}

@@ -16,6 +16,8 @@ import pytest
 import ddim_jax
 from ddim_jax.compat import FlaxDDIMScheduler, FlaxDDIMSchedulerOutput
 
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "examples" / "scheduler_config.json"
+
 # FlaxDDIMSchedulerTest.get_scheduler_config() (diffusers v0.35; clip_sample left at its default).
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 NUM_ELEMS = 4 * 3 * 8 * 8
@@ -285,3 +287,43 @@ def test_migration_example_loops_agree(capsys):
     np.testing.assert_allclose(old, new, atol=1e-4)
     out = capsys.readouterr().out
     assert "the two loops agree" in out and out.count("first call") == 2
+
+
+def test_diffusers_state_output_and_config_shapes_without_diffusers():
+    """What diffusers' Flax pipelines and user code read: ``state.common``, ``state.replace``,
+    ``out["prev_sample"]`` / ``keys()``, a read-only dict config; the scheduler pickles."""
+    import pickle
+
+    scheduler = FlaxDDIMScheduler(timestep_spacing="trailing", prev_timestep_rule="schedule")
+    state = scheduler.set_timesteps(scheduler.create_state(), 4)
+    common = state.common
+    np.testing.assert_array_equal(common.alphas_cumprod, state.alphas_cumprod)
+    np.testing.assert_allclose(np.cumprod(common.alphas.astype(np.float64)), state.alphas_cumprod, rtol=1e-5)
+    custom = state.replace(timesteps=[999, 500, 200, 20])
+    assert type(custom) is type(state) and custom.prev_timesteps.tolist() == [500, 200, 20, -1]
+    with pytest.raises(ValueError, match="timesteps must be in descending order"):
+        state.replace(timesteps=[20, 500])
+    x = jnp.ones((1, 3))
+    out = scheduler.step(state, 0.1 * x, 999, x)
+    assert out["prev_sample"] is out.prev_sample is out[0] and out.keys() == ("prev_sample", "state")
+    assert dict(out.items())["state"] is state and len(out.values()) == 2
+    config = scheduler.config
+    assert isinstance(config, dict) and config.timestep_spacing == "trailing"
+    with pytest.raises(TypeError, match="SchedulerConfig is read-only"):
+        config["steps_offset"] = 1
+    again = pickle.loads(pickle.dumps(FlaxDDIMScheduler(steps_offset=1, dtype=jnp.bfloat16)))
+    assert again.config.steps_offset == 1 and jnp.dtype(again.dtype) == jnp.bfloat16
+    assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_the_compat_layer_does_not_import_diffusers():
+    """A plain class, no diffusers import (the diffusers subclass appears only once diffusers is
+    imported: tests/test_flax_reference_live.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ddim_jax.compat import FlaxDDIMScheduler; s, _ = FlaxDDIMScheduler.from_pretrained("
+        f"{str(CONFIG_FILE)!r}); assert type(s) is FlaxDDIMScheduler; assert 'diffusers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

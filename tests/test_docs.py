@@ -59,6 +59,7 @@ CHECKS = {
     "inversion.md": lambda ns: (
         float(jnp.max(jnp.abs(ns["x0_bdia"] - ns["x0"]))) < 1e-4
         and float(jnp.max(jnp.abs(ns["x0_edict"] - ns["x0"]))) < 1e-4
+        and float(jnp.max(jnp.abs(ns["x0_fixed"] - ns["x0"]))) < 1e-4
     ),
     "parallel.md": lambda ns: (
         int(ns["fast"].iterations) < 100 and np.allclose(ns["exact"].sample, _sampled(ns), atol=1e-5)

@@ -4,6 +4,7 @@ requests refused at submit, traced-bad ones NaN in their slot only, cancel, no r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,7 +45,11 @@ def _reference(num_steps, start, x, key, eta, scale, cond, *, layout, static_ste
     else:
         state = set_timesteps(BASE, num_steps, max_steps=M)
     fn, args = (model_fn, (0.7,)) if cond is None else (cond_model_fn, (0.7, cond))
-    kwargs = {} if scale is None else dict(guidance_scale=scale, guidance_layout=layout)
+    kwargs = (
+        {}
+        if scale is None
+        else dict(guidance_scale=scale[0], guidance_rescale=scale[1], guidance_layout=layout)
+    )
     return sample(fn, state, x, key=key, eta=eta, model_args=args, start_step=start, **kwargs)[0]
 
 
@@ -64,7 +69,8 @@ def reference(req: Request, *, uncond=None, guided=False, layout="concat", stati
         cond = jnp.concatenate([u, cond]) if layout == "concat" else jnp.stack([u, cond], 1)[0]
     out = _reference(
         jnp.int32(req.num_steps), jnp.int32(req.start_step), x, step_key[None], jnp.float32(req.eta),
-        jnp.float32([req.guidance_scale]) if guided else None, cond, layout=layout,
+        (jnp.float32([req.guidance_scale]), jnp.float32([req.guidance_rescale])) if guided else None, cond,
+        layout=layout,
         static_steps=(req.num_steps, req.start_step) if static else None,
     )  # fmt: skip
     return np.asarray(out)
@@ -89,6 +95,7 @@ def random_requests(n, seed, *, cond=False, guided=False, img2img=True):
                 extra["uncond"] = rng.normal(size=COND).astype(np.float32)
         if guided:
             extra["guidance_scale"] = float(rng.uniform(0, 8))
+            extra["guidance_rescale"] = float(rng.choice([0.0, 0.7]))
         eta = float(rng.choice([0.0, 0.5, 1.0]))
         requests.append(Request(s, jax.random.key(1000 * seed + i), eta=eta, **extra))
     return requests
@@ -222,6 +229,7 @@ REFUSED = [
     (dict(guidance_scale=None), ValueError, "guidance_scale"),
     (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+    (dict(guidance_rescale=1.5), ValueError, "guidance_rescale"),
     (dict(cond=None), ValueError, "cond"),
     (dict(cond=np.zeros(4, np.float32)), ValueError, "cond"),
     (dict(uncond=np.zeros((1, 3), np.float32)), ValueError, "uncond"),
@@ -380,3 +388,32 @@ def test_sharded_engine_equals_one_device_and_its_tick_moves_no_data(layout):
     assert not [name for name in COLLECTIVES if name in text]
     with pytest.raises(ValueError, match="slots"):
         Engine(model_fn, CONFIG, slots=4, latent_shape=SHAPE, max_steps=M, mesh=mesh)
+
+
+def test_legacy_keys_and_a_bfloat16_model():
+    """A legacy uint32 key is the typed key's data (same result); ``model_dtype`` casts the
+    model's input as `sample`'s does, the carry staying float32."""
+    request = Request(4, jax.random.key(3), eta=0.5)
+    engine = Engine(
+        model_fn,
+        CONFIG,
+        slots=2,
+        latent_shape=SHAPE,
+        max_steps=M,
+        model_args=(0.7,),
+        model_dtype=jnp.bfloat16,
+    )
+    typed, legacy = (
+        engine.submit(request),
+        engine.submit(dataclasses.replace(request, key=jax.random.PRNGKey(3))),
+    )
+    engine.run_until_idle()
+    np.testing.assert_array_equal(typed.result(), legacy.result())
+    assert typed.result().dtype == np.float32
+    noise_key, step_key = jax.random.split(request.key)
+    x_T = jax.random.normal(noise_key, SHAPE)[None]
+    state = set_timesteps(BASE, 4)
+    expected = sample(
+        model_fn, state, x_T, key=step_key[None], eta=0.5, model_args=(0.7,), model_dtype=jnp.bfloat16
+    )[0]
+    np.testing.assert_allclose(typed.result(), expected, rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ if not (0, 35) <= _VERSION < (0, 40):
         f"needs diffusers 0.35-0.39 (its Flax classes), got {diffusers.__version__}", allow_module_level=True
     )
 
+import _tiny_sd  # noqa: E402
 from _diffusers_ref import RTOL, check_errors, oracle_step, oracle_tables, rel_err  # noqa: E402
 from diffusers import FlaxDDIMScheduler as OldFlaxDDIMScheduler  # noqa: E402
 from diffusers import FlaxUNet2DConditionModel  # noqa: E402
@@ -194,3 +195,184 @@ def test_old_pipeline_loop_compat_scheduler_and_sample_agree_on_a_real_unet():
         f"loop, compat {e_compat:.1e}, sample {e_sample:.1e}; sample against compat {e_between:.1e}"
     )
     assert e_compat < 1e-5 and e_sample < 1e-5 and e_between < 1e-5
+
+
+# ------------------------------------------------ diffusers' own FlaxStableDiffusionPipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Flax SD folder saved by diffusers' pipeline (tests/_tiny_sd.py); needs Flax CLIP."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "FlaxCLIPTextModel"):
+        pytest.skip(f"needs transformers' Flax CLIP (transformers < 5), got {transformers.__version__}")
+    return _tiny_sd.build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+
+
+NO_SAFETY = dict(safety_checker=None, feature_extractor=None)  # the tiny folder has none
+
+
+def canonical_swap(pipeline_class, folder, **scheduler_kwargs):
+    """diffusers' documented scheduler swap, with the compat class."""
+    scheduler, state = FlaxDDIMScheduler.from_pretrained(folder, subfolder="scheduler", **scheduler_kwargs)
+    pipe, params = pipeline_class.from_pretrained(folder, scheduler=scheduler, **NO_SAFETY)
+    params["scheduler"] = state
+    return pipe, params
+
+
+def with_scheduler(pipe, params, scheduler):
+    """The same components around another scheduler (no reload)."""
+    other = type(pipe)(**{**pipe.components, "scheduler": scheduler})
+    return other, {**params, "scheduler": scheduler.create_state()}
+
+
+def generate(pipe, params, prompt_ids, latents, steps, jit):
+    """``pipe(...)`` images; with ``jit`` the pipeline's pmap over one CPU device. The guidance
+    scale goes in as an array: a Python float breaks the jit-off path for batch > 1 in diffusers
+    0.35 (it becomes shape (1, batch) and broadcasts against the latents)."""
+    key = jax.random.PRNGKey(0)
+    if not jit:
+        return pipe(prompt_ids, params, key, steps, guidance_scale=jnp.float32(7.5), latents=latents).images
+    one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], params)  # replicated on 1 device
+    guidance = jnp.array([7.5])
+    images = pipe(
+        prompt_ids[None], one, key[None], steps, guidance_scale=guidance, latents=latents[None], jit=True
+    )
+    return images.images[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_folder):
+    from diffusers import FlaxStableDiffusionPipeline
+
+    pipe, params = canonical_swap(FlaxStableDiffusionPipeline, tiny_folder)
+    prompt_ids = pipe.prepare_inputs(["a red fox", "an ox"])
+    latents = jax.random.normal(jax.random.key(3), (2, 4, 16, 16))
+    return pipe, params, prompt_ids, latents
+
+
+def test_canonical_swap_gives_diffusers_images_with_jit_off_and_on(pipeline_run):
+    """``FlaxStableDiffusionPipeline.from_pretrained(dir, scheduler=compat)`` as diffusers' docs
+    swap schedulers; ``__call__`` with jit off and on (pmap), compat and diffusers' class."""
+    from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin
+
+    pipe, params, prompt_ids, latents = pipeline_run
+    assert isinstance(pipe.scheduler, FlaxSchedulerMixin) and isinstance(pipe.scheduler, FlaxDDIMScheduler)
+    old_pipe, old_params = with_scheduler(pipe, params, OldFlaxDDIMScheduler(**SD_SCHEDULER))
+    steps, images = 4, {}
+    for jit in (False, True):
+        images["compat", jit] = generate(pipe, params, prompt_ids, latents, steps, jit)
+        images["diffusers", jit] = generate(old_pipe, old_params, prompt_ids, latents, steps, jit)
+    reference = images["diffusers", False]
+    assert reference.shape == (2, 32, 32, 3) and float(np.std(reference)) > 0.05
+    errors = {k: rel_err(v, reference) for k, v in images.items()}
+    print(f"\nFlaxStableDiffusionPipeline images against diffusers' scheduler, jit off: {errors}")
+    assert max(errors.values()) < 1e-5
+
+
+def test_saved_pipeline_loads_with_both_classes_and_configs_hand_over(pipeline_run, tmp_path):
+    import json
+
+    from diffusers import FlaxStableDiffusionPipeline
+
+    pipe, params, _, _ = pipeline_run
+    pipe.save_pretrained(tmp_path, params=params)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    saved = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert (
+        index["scheduler"] == ["diffusers", "FlaxDDIMScheduler"]
+        and saved["_class_name"] == "FlaxDDIMScheduler"
+    )
+    plain, plain_params = FlaxStableDiffusionPipeline.from_pretrained(tmp_path, **NO_SAFETY)
+    assert type(plain.scheduler) is OldFlaxDDIMScheduler
+    again, state = FlaxDDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert again.ddim_config == pipe.scheduler.ddim_config
+
+    # configs hand over both ways, and the tables agree
+    old = OldFlaxDDIMScheduler.from_config(pipe.scheduler.config)
+    back = FlaxDDIMScheduler.from_config(old.config)
+    assert back.ddim_config == pipe.scheduler.ddim_config
+    old_state = old.set_timesteps(old.create_state(), 10, SHAPE)
+    state = back.set_timesteps(state, 10)
+    np.testing.assert_array_equal(np.asarray(state.timesteps), np.asarray(old_state.timesteps))
+    np.testing.assert_allclose(state.common.alphas_cumprod, old_state.common.alphas_cumprod, rtol=1e-5)
+    np.testing.assert_allclose(state.common.betas, old_state.common.betas, rtol=1e-5)
+    assert state.replace(final_alpha_cumprod=jnp.float32(1.0)).final_alpha_cumprod == 1.0
+    x = jnp.ones(SHAPE)
+    out = back.step(state, 0.1 * x, state.timesteps[0], x)
+    ref = old.step(old_state, 0.1 * x, old_state.timesteps[0], x)
+    assert list(out.keys()) == list(ref.keys()) == ["prev_sample", "state"]
+    assert rel_err(out["prev_sample"], ref["prev_sample"]) < 1e-6
+    assert out.to_tuple()[0] is out.prev_sample
+
+
+def test_img2img_inpaint_and_sdxl_pipelines_take_the_compat_scheduler(tiny_folder, tmp_path):
+    from diffusers import (
+        FlaxStableDiffusionImg2ImgPipeline,
+        FlaxStableDiffusionInpaintPipeline,
+        FlaxStableDiffusionXLPipeline,
+    )
+    from transformers import FlaxCLIPTextModelWithProjection
+
+    for cls in (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline):
+        pipe, params = canonical_swap(cls, tiny_folder)
+        assert isinstance(pipe.scheduler, FlaxDDIMScheduler) and "scheduler" in params
+    # an SDXL-shaped folder from the same parts (a second, projected text encoder)
+    encoder_2 = FlaxCLIPTextModelWithProjection(pipe.text_encoder.config, seed=1)
+    xl = FlaxStableDiffusionXLPipeline(
+        text_encoder=pipe.text_encoder, text_encoder_2=encoder_2, vae=pipe.vae, tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer, unet=pipe.unet, scheduler=pipe.scheduler,
+    )  # fmt: skip
+    xl.save_pretrained(tmp_path, params={**params, "text_encoder_2": encoder_2.params})
+    scheduler, state = FlaxDDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    loaded, _ = FlaxStableDiffusionXLPipeline.from_pretrained(tmp_path, scheduler=scheduler)
+    assert loaded.scheduler is scheduler
+
+
+def torch_loop_images(pipe, params, prompt_ids, latents, steps, scheduler_kwargs):
+    """The pipeline's generation with every step taken by diffusers' torch ``DDIMScheduler`` on
+    the tiny Flax UNet's guided outputs, then the pipeline's VAE decode."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    context = jnp.asarray(_tiny_sd.context_for(pipe, params, np.asarray(prompt_ids)))
+    unet = jax.jit(
+        lambda x, t: (
+            pipe.unet.apply(
+                {"params": params["unet"]}, x, jnp.broadcast_to(t, x.shape[:1]), encoder_hidden_states=context
+            ).sample
+        )
+    )
+    scheduler = DDIMScheduler(**scheduler_kwargs)
+    scheduler.set_timesteps(steps)
+    x = np.asarray(latents)
+    for t in scheduler.timesteps.tolist():
+        uncond, text = jnp.split(unet(jnp.concatenate([x, x]), jnp.int32(t)), 2)
+        guided = np.asarray(uncond + jnp.float32(7.5) * (text - uncond))
+        x = scheduler.step(torch.from_numpy(guided), t, torch.from_numpy(x)).prev_sample.numpy()
+    vae = pipe.vae
+    image = vae.apply({"params": params["vae"]}, x / vae.config.scaling_factor, method=vae.decode).sample
+    return np.asarray((image / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1))
+
+
+def test_seed_settings_match_torch_ddim_and_the_old_class_does_not(pipeline_run):
+    """trailing + zero-SNR + v-prediction (the seed document's scheduler): the compat class in
+    diffusers' pipeline equals a loop stepped by diffusers' torch DDIMScheduler; diffusers' old
+    Flax class takes ``prediction_type`` but silently keeps leading spacing and the original
+    betas, so its images are off. This is the reason to migrate."""
+
+    pipe, params, prompt_ids, latents = pipeline_run
+    steps, seed = 4, _tiny_sd.SEED_SCHEDULER
+    oracle = torch_loop_images(pipe, params, prompt_ids, latents, steps, seed)
+    compat = generate(
+        *with_scheduler(pipe, params, FlaxDDIMScheduler.from_config(seed)), prompt_ids, latents, steps, False
+    )
+    old_scheduler = OldFlaxDDIMScheduler.from_config(seed)
+    old = generate(*with_scheduler(pipe, params, old_scheduler), prompt_ids, latents, steps, False)
+    e_compat, e_old = rel_err(compat, oracle), rel_err(old, oracle)
+    print(
+        f"\nseed settings, {steps} steps, against torch DDIMScheduler: compat {e_compat:.1e}, "
+        f"old class {e_old:.1e}"
+    )
+    assert e_compat < 1e-5
+    assert e_old > 1e-2

@@ -363,7 +363,7 @@ def test_bad_guider_arguments_raise_clear_errors():
         dj.sample(
             model, STATE, X_T, model_args=ARGS, guider=dj.guidance_window(dj.cfg(3.0), conditional_args=(2,))
         )
-    with pytest.raises(ValueError, match="zero_init_steps must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"zero_init_steps must be in \[0, inf\)"):
         dj.cfg_zero_star(3.0, -1)
     with pytest.raises(ValueError, match="guidance_scale must be a scalar, one value per example"):
         dj.apg(jnp.ones((2, 2)))
@@ -411,3 +411,32 @@ def test_a_stateful_guider_in_the_runtime_length_loop_equals_the_static_loop():
         lambda w: dj.sample(model, STATE, X_T, model_args=(w, LABELS), guider=guider, remat=True).sum()
     )
     assert bool(jnp.isfinite(grad(0.8)))
+
+
+def test_rescaled_wraps_any_guider_as_the_guiders_own_rescale_does():
+    """rescaled(g, phi) is the guiders' guidance_rescale=phi (bitwise), works around a guider of
+    one's own, keeps a window, and refuses a split output and a phi out of range."""
+    uncond, cond = jax.random.normal(jax.random.key(3), (2, 2, 3, 4))
+    info = dj.GuidanceInfo(jnp.int32(0), 4, jnp.int32(999), jnp.float32(0.5), cond, "epsilon", False)
+    for own, bare in [
+        (dj.cfg_zero_star(5.0, 0, 0.7), dj.cfg_zero_star(5.0, 0)),
+        (dj.tangential_cfg(5.0, 0.7), dj.tangential_cfg(5.0)),
+        (dj.apg(5.0, guidance_rescale=0.7), dj.apg(5.0)),
+    ]:
+        expected = own.apply((), uncond, cond, info)[0]
+        np.testing.assert_array_equal(dj.rescaled(bare, 0.7).apply((), uncond, cond, info)[0], expected)
+    cfg_out = dj.cfg(5.0, 0.7).apply((), uncond, cond, info)[0]
+    np.testing.assert_allclose(
+        dj.rescaled(dj.cfg(5.0), 0.7).apply((), uncond, cond, info)[0], cfg_out, rtol=1e-6
+    )
+    mine = dj.Guider(lambda latents: (), lambda state, u, c, info: (3 * c - 2 * u, state))
+    out = dj.rescaled(mine, 1.0).apply((), uncond, cond, info)[0]
+    np.testing.assert_allclose(jnp.std(out, axis=(1, 2)), jnp.std(cond, axis=(1, 2)), rtol=1e-5)
+    window = dj.guidance_window(dj.cfg(5.0), 0.0, 0.5, conditional_args=(0,))
+    assert dj.rescaled(window, 0.5).active is window.active
+    with pytest.raises(ValueError, match="GuidedOutput"):
+        dj.rescaled(dj.cfg_pp(0.5), 0.5).apply((), uncond, cond, info)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        dj.rescaled(mine, 1.5)
+    with pytest.raises(TypeError, match="guider must be a Guider"):
+        dj.rescaled(dj.cfg, 0.5)

@@ -6,13 +6,17 @@ for `parallel_sample`), never a plausible result. One test per defect of issue 2
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import ddim_jax as dj
 from ddim_jax import (
     BDIALatents,
     DDIMConfig,
@@ -137,8 +141,8 @@ def test_x64_int64_values_do_not_wrap():
         stepped = jax.jit(lambda t: step(static_state(), x, t, x))
         assert all_nan(stepped(jnp.int64(2**32 + 900)))
         custom = jax.jit(lambda ts: sample(model_fn, set_timesteps(base, 2, timesteps=ts), x))
-        assert all_finite(custom(jnp.array([900, 100, 0], jnp.int64)))
-        assert all_nan(custom(jnp.array([2**32 + 900, 100, 0], jnp.int64)))
+        assert all_finite(custom(jnp.array([999, 499, 0], jnp.int64)))  # spaced by T // S = 500
+        assert all_nan(custom(jnp.array([2**32 + 999, 499, 0], jnp.int64)))
         with pytest.raises(ValueError, match="num_inference_steps must be an int in"):
             set_timesteps(base, np.int64(2**32 + 5), max_steps=20)
         with pytest.raises(ValueError, match=r"timestep must be in \[0, num_train_timesteps=1000\)"):
@@ -300,16 +304,14 @@ def test_timesteps_range_is_accepted():
     base = create_state(DDIMConfig())
     state = set_timesteps(base, timesteps=range(900, -1, -100))
     assert state.timesteps.tolist() == list(range(900, -1, -100))
-    assert set_timesteps(base, 4, timesteps=range(900, 0, -100)).num_steps == 4
+    assert set_timesteps(base, 4, timesteps=range(999, 0, -250)).num_steps == 4
     with pytest.raises(ValueError, match="timesteps must be in descending order"):
         set_timesteps(base, timesteps=range(0, 900, 100))
 
 
 def test_parallel_sample_refuses_an_empty_batch():
     """Failed deep inside JAX (a max over an empty axis)."""
-    with pytest.raises(
-        ValueError, match=r"parallel_sample needs at least one example, got latents of shape \(0, 3\)"
-    ):
+    with pytest.raises(ValueError, match=r"latents must hold at least one example .*, got shape \(0, 3\)"):
         parallel_sample(model_fn, static_state(), jnp.zeros((0, 3)))
 
 
@@ -356,3 +358,264 @@ def test_compat_step_returns_a_float_result_for_an_integer_sample():
     assert not np.allclose(out, np.round(out))  # not truncated to integers
     bf16 = scheduler.step(state, jnp.zeros((1, 3)), 900, sample_int.astype(jnp.bfloat16)).prev_sample
     assert bf16.dtype == jnp.bfloat16  # a float sample keeps its dtype, as before
+
+
+# --- issue 29: guiders, windows, x64 (tests/test_x64.py), types, combinations ---
+
+WINDOW_STEPS = jnp.arange(1000, dtype=jnp.int32)
+
+
+def window_mask(start, stop, num_steps):
+    """The steps [0, 1000) that `guidance_window(cfg, start, stop)` guides in a schedule of S steps."""
+    info = dj.GuidanceInfo(WINDOW_STEPS, num_steps, WINDOW_STEPS, None, None, "epsilon", False)
+    return dj.guidance_window(dj.cfg(2.0), start, stop).active(info)
+
+
+traced_window_mask = jax.jit(window_mask)
+K, S = (a.ravel() for a in np.meshgrid(np.arange(101), np.arange(1, 1001), indexing="ij"))
+# The pairs (k, S) where diffusers' float64 int(k / 100 * S) and float32's floor differ (107).
+DIFFERING = [
+    (int(k), int(s))
+    for k, s in zip(K, S, strict=True)
+    if int(k / 100 * s) != int(np.floor(np.float32(k / 100) * np.float32(s)))
+]
+
+
+def test_window_steps_are_exact_for_every_percentage_and_step_count():
+    """Every start = k / 100 and S <= 1000, traced: step k S // 100 is the first guided one."""
+
+    def first_is_guided(k, start, s):
+        guider = dj.guidance_window(dj.cfg(2.0), start, 1.0)
+        at = lambda step: guider.active(dj.GuidanceInfo(step, s, step, None, None, "epsilon", False))  # noqa: E731
+        first = k * s // 100
+        return (at(first) | (first == s)) & ~at(first - 1)
+
+    k, s = K[K < 100], S[K < 100]  # start = 1 is out of range
+    ok = jax.jit(jax.vmap(first_is_guided))(k, (k / 100).astype(np.float32), s)  # float32 as traced
+    assert len(DIFFERING) == 107 and bool(ok.all()), [
+        (k, s) for k, s, o in zip(K, S, ok, strict=True) if not o
+    ][:5]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    pair=st.one_of(st.sampled_from(DIFFERING), st.tuples(st.integers(0, 99), st.integers(1, 1000))),
+    width=st.integers(0, 100),
+    fraction=st.floats(0, 1, exclude_max=True, width=32),
+)
+def test_window_steps_are_the_same_known_and_traced(pair, width, fraction):
+    """A traced start or stop (or S, as a runtime-length state has) picked other steps than the
+    same Python values: floor(float32(f) S) against int(f S), e.g. start=0.58, S=50 guided from
+    step 29 in one and 28 in the other (107 pairs f = k / 100, S <= 1000 differed). Now one
+    formula: the same steps, and exactly [k S // 100, l S // 100) for f = k / 100, l / 100."""
+    k, num_steps = pair
+    start, stop = k / 100, min(k + width, 100) / 100
+    known = np.asarray(window_mask(start, stop, num_steps))
+    traced = np.asarray(traced_window_mask(start, stop, jnp.int32(num_steps)))
+    steps = np.arange(1000)
+    exact = (k * num_steps // 100 <= steps) & (steps < min(k + width, 100) * num_steps // 100)
+    live = steps < num_steps
+    np.testing.assert_array_equal(known[live], exact[live])
+    np.testing.assert_array_equal(traced[live], exact[live])
+    # any fraction: known and traced agree (the exact step of a binary fraction is its own)
+    known = np.asarray(window_mask(fraction, 1.0, num_steps))
+    np.testing.assert_array_equal(known, np.asarray(traced_window_mask(fraction, 1.0, jnp.int32(num_steps))))
+
+
+def test_window_at_058_of_50_steps_guides_from_step_29_known_traced_and_runtime_length():
+    guided = []
+
+    def model(x, t, labels):
+        guided.append(x.shape[0])  # the doubled batch inside the window, traced once per branch
+        return jnp.tanh(x + labels)
+
+    labels = jnp.array([[0.0], [0.0], [1.0], [1.0]])
+    base = create_state(DDIMConfig())
+    state = set_timesteps(base, 50)
+    run = lambda state, start: sample(  # noqa: E731
+        model, state, X[:, :, 0], model_args=(labels,), guider=dj.guidance_window(dj.cfg(3.0), start)
+    )
+    known = run(state, 0.58)
+    traced = jax.jit(run, static_argnums=())(state, 0.58)
+    runtime = jax.jit(lambda s, f: run(set_timesteps(base, s, max_steps=60), f))(50, 0.58)
+    np.testing.assert_array_equal(known, traced)
+    np.testing.assert_allclose(runtime, known, rtol=1e-6, atol=1e-6)
+    mask = np.asarray(window_mask(0.58, 1.0, 50))[:50]
+    assert mask.argmax() == 29 and mask[29:].all()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: dj.cfg(NAN), "guidance_scale must be finite, got nan"),
+        (lambda: dj.cfg(7.5, NAN), r"guidance_rescale must be in \[0, 1\], got nan"),
+        (lambda: dj.cfg(7.5, 1.5), r"guidance_rescale must be in \[0, 1\], got 1.5"),
+        (lambda: dj.apg(momentum=NAN), "momentum must be finite, got nan"),
+        (lambda: dj.apg(norm_threshold=NAN), "norm_threshold must be finite, got nan"),
+        (lambda: dj.apg(eta=INF), "eta must be finite, got inf"),
+        (lambda: dj.tangential_cfg(INF), "guidance_scale must be finite, got inf"),
+        (lambda: dj.cfg_zero_star(-INF), "guidance_scale must be finite, got -inf"),
+        (lambda: dj.cfg_zero_star(2.0, 1, NAN), r"guidance_rescale must be in \[0, 1\]"),
+        (lambda: dj.cfg_pp(NAN), r"lambda\) must be in \[0, 1\], got nan"),
+        (
+            lambda: dj.cfg(dj.scale_schedule([1.0, NAN, 2.0])),
+            r"guidance_scale must be finite, got \[1.0, nan, 2.0\]",
+        ),
+        (lambda: dj.guidance_window(dj.cfg(2.0), NAN), r"start must be in \[0, 1\)"),
+        (lambda: dj.guidance_window(dj.cfg(2.0), 0.0, NAN), r"stop must be in \[0, 1\]"),
+        (
+            lambda: dj.guidance_window(dj.cfg(2.0), 0.9999999999999999),
+            r"start must be in \[0, 1\) \(as float32\)",
+        ),
+    ],
+)
+def test_non_finite_guider_parameters_raise_naming_them(make, message):
+    """cfg(nan), cfg(7.5, nan), apg(momentum=nan), tangential_cfg(inf) and a scale_schedule
+    holding NaN gave an all-NaN sample with no error; apg(norm_threshold=nan) turned clipping
+    off silently."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_traced_invalid_guider_parameters_give_nan_even_outside_their_window():
+    state = static_state(4)
+    labels = jnp.zeros((4, 1, 1))
+    model = lambda x, t, labels: jnp.tanh(x) + labels  # noqa: E731
+    guiders = {
+        "cfg": lambda v: dj.cfg(v),
+        "rescale": lambda v: dj.cfg(2.0, v),
+        "apg_momentum": lambda v: dj.apg(2.0, momentum=v),
+        "apg_norm_threshold": lambda v: dj.apg(2.0, norm_threshold=v),
+        "tangential_cfg": lambda v: dj.tangential_cfg(v),
+        "schedule": lambda v: dj.cfg(dj.scale_schedule(jnp.full(4, 2.0).at[2].set(v))),
+        "never_guided": lambda v: dj.guidance_window(dj.cfg(v), 0.0, 0.0),  # a window guiding no step
+    }
+    for name, make in guiders.items():
+        run = jax.jit(lambda v: sample(model, state, X, model_args=(labels,), guider=make(v)))  # noqa: B023
+        assert all_finite(run(0.5)), name
+        assert all_nan(run(jnp.nan)), name
+        if name in ("rescale",):
+            assert all_nan(run(1.5)), name
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        sample(model_fn, state, X, guidance_scale=NAN)
+    run = jax.jit(lambda w: sample(model, state, X, model_args=(labels,), guidance_scale=w))
+    assert all_nan(run(jnp.inf))
+    zero_init = jax.jit(
+        lambda z: sample(model, state, X, model_args=(labels,), guider=dj.cfg_zero_star(2.0, z))
+    )
+    assert all_finite(zero_init(1)) and all_nan(zero_init(-1))
+
+
+def test_compat_aliases_are_parsed_as_strictly_as_the_native_keys():
+    """rescale_zero_terminal_snr="false" (and "0") turned zero SNR on: bool("false") is True."""
+    for bad in ("false", "0", "true", 0, 1):
+        with pytest.raises(TypeError, match="rescale_zero_terminal_snr must be a bool"):
+            FlaxDDIMScheduler.from_config({"rescale_zero_terminal_snr": bad})
+        with pytest.raises(TypeError, match="rescale_betas_zero_snr must be a bool"):
+            FlaxDDIMScheduler.from_config({"rescale_betas_zero_snr": bad})
+    assert (
+        FlaxDDIMScheduler.from_config({"rescale_zero_terminal_snr": False}).config.rescale_betas_zero_snr
+        is False
+    )
+    assert (
+        FlaxDDIMScheduler.from_config({"rescale_zero_terminal_snr": True}).config.rescale_betas_zero_snr
+        is True
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: sample(model_fn, static_state(4), X, guidance_scale=".5"), "guidance_scale"),
+        (
+            lambda: sample(model_fn, static_state(4), X, guidance_scale=7.5, guidance_rescale="0.7"),
+            "guidance_rescale",
+        ),
+        (lambda: sample(model_fn, static_state(4), X, eta=".5", key=KEY), "eta"),
+        (lambda: sample(model_fn, static_state(4), X, eta=None), "eta"),
+        (lambda: step(static_state(4), X, "900", X), "timestep"),
+        (lambda: step(static_state(4), X, 900, X, eta=None), "eta"),
+        (lambda: add_noise(static_state(4), X, X, None), "timesteps"),
+        (lambda: parallel_sample(model_fn, static_state(4), X, tolerance="0.1"), "tolerance"),
+        (lambda: bdia_sample(model_fn, static_state(4, clip_sample=False), X, gamma=None), "gamma"),
+        (lambda: edict_sample(model_fn, static_state(4, clip_sample=False), X, mixing="0.93"), "mixing"),
+        (lambda: dj.cfg(True), "guidance_scale"),
+        (lambda: dj.cfg(1 + 2j), "guidance_scale"),
+        (lambda: dj.apg(2.0, momentum="-0.5"), "momentum"),
+        (lambda: dj.cfg_zero_star(2.0, "1"), "zero_init_steps"),
+        (lambda: dj.guidance_window(dj.cfg(2.0), "0.2"), "start"),
+        (lambda: dj.scale_schedule(["1", "2"]), "scale_schedule values"),
+        (lambda: sample(model_fn, static_state(4), X, return_trajectory="false"), "return_trajectory"),
+        (lambda: sample(model_fn, static_state(4), X, remat=None), "remat"),
+        (lambda: step(static_state(4), X, 900, X, use_clipped_model_output="no"), "use_clipped_model_output"),
+    ],
+)
+def test_wrong_types_get_an_error_naming_the_parameter(call, name):
+    """A string where a number belongs (from JSON or a form) said "data type '.5' not
+    understood"; None failed inside float(); a string flag "false" was truthy."""
+    with pytest.raises(TypeError, match=f"^{re.escape(name)} must be"):
+        call()
+
+
+def test_unambiguous_forms_are_accepted():
+    state = static_state(4)
+    labels = jnp.zeros((4, 1, 1))
+    model = lambda x, t, labels: jnp.tanh(x) + labels  # noqa: E731
+    listed = sample(model, state, X, model_args=(labels,), guidance_scale=[2.0, 3.0])  # one per example
+    arrayed = sample(model, state, X, model_args=(labels,), guidance_scale=jnp.array([2.0, 3.0]))
+    np.testing.assert_array_equal(listed, arrayed)
+    assert all_finite(sample(model, state, X, model_args=(labels,), guidance_scale=np.float64(2.0)))
+    assert all_finite(sample(model, state, X, model_args=(labels,), guidance_scale=3))  # an int
+    scheduled = sample(model, state, X, model_args=(labels,), guidance_scale=dj.scale_schedule([2.0] * 4))
+    np.testing.assert_allclose(scheduled, sample(model, state, X, model_args=(labels,), guidance_scale=2.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"guidance_rescale": 0.5}, "guidance_rescale=0.5 is used only with guidance_scale"),
+        ({"guider": "cfg", "guidance_rescale": 0.5}, "pass the guider's own guidance_rescale"),
+        ({"guidance_layout": "interleave"}, "guidance_layout='interleave' .* needs guidance"),
+        ({"callback_every": 2}, "callback_every=2 needs a callback"),
+        ({"guider": "conditional_args"}, r"conditional_args \(0,\) are used only by a guider with active"),
+    ],
+)
+def test_arguments_that_would_be_silently_ignored_are_refused(kwargs, message):
+    kwargs = dict(kwargs)
+    if kwargs.get("guider") == "cfg":
+        kwargs["guider"] = dj.cfg(2.0)
+    elif kwargs.get("guider") == "conditional_args":
+        kwargs["guider"] = dj.Guider(lambda latents: (), lambda s, u, c, i: (c, s), conditional_args=(0,))
+    loops = (
+        (sample, invert, edict_sample) if "callback_every" in kwargs else (sample, invert, parallel_sample)
+    )
+    for loop in loops:
+        with pytest.raises(ValueError, match=message):
+            loop(model_fn, static_state(4, clip_sample=False), X, model_args=(jnp.zeros((4, 1)),), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "loop", [sample, invert, parallel_sample, edict_sample, edict_invert, bdia_sample, bdia_invert]
+)
+def test_every_loop_refuses_an_empty_batch(loop):
+    with pytest.raises(ValueError, match=r"latents must hold at least one example .*got shape \(0, 3\)"):
+        loop(model_fn, static_state(4, clip_sample=False), jnp.zeros((0, 3)))
+
+
+def test_a_start_step_invalid_for_every_runtime_step_count_raises():
+    """A Python start_step >= M with a runtime-length state (S traced) gave NaN at run time;
+    it is out of range for every S in [1, M]."""
+    base = create_state(DDIMConfig())
+    run = jax.jit(
+        lambda s, start: sample(model_fn, set_timesteps(base, s, max_steps=6), X, start_step=start),
+        static_argnums=1,
+    )
+    assert all_finite(run(4, 3))
+    for start in (6, 7, -1):
+        with pytest.raises(
+            ValueError, match=r"start_step must be an int in \[0, num_inference_steps=S <= max_steps=6\)"
+        ):
+            run(4, start)

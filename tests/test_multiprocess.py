@@ -129,6 +129,21 @@ def test_processes_run_the_loops_like_one_process(num_processes, tmp_path):
         np.testing.assert_allclose(results[key], one_device[key], rtol=0, atol=1e-5, err_msg=key)
 
 
+def test_the_engine_runs_spmd_with_admission_on_process_0(tmp_path):
+    """Two processes serve one stream with `ddim_jax.Engine` (slots over both, admission decided
+    on process 0 and broadcast): the results equal one process's engine (no mesh) bit for bit."""
+    start = time.monotonic()
+    with workers(2, tmp_path, "--devices", str(DEVICES_PER_PROCESS), "--engine") as procs:
+        ended = wait_for_exit(procs, start + DEADLINE_S)
+        assert len(ended) == 2, f"hung past {DEADLINE_S} s\n{logs(tmp_path, 2)}"
+        codes = [p.returncode for p in procs]
+    assert codes == [0, 0], f"exit codes {codes}\n{logs(tmp_path, 2)}"
+    results = np.load(tmp_path / "results.npz")["engine"]
+    expected = np.stack(worker.engine_stream(None))
+    assert results.shape == expected.shape == (9, *worker.LATENT)  # 10 submitted, 1 cancelled
+    np.testing.assert_array_equal(results, expected)
+
+
 def wait_for_output(out: Path, num_processes: int, text: str, deadline: float) -> bool:
     """Waits until every process's log holds ``text``; False if ``deadline`` passes first."""
     while time.monotonic() < deadline:

@@ -95,14 +95,41 @@ def test_custom_timesteps_static_and_padded():
     static = set_timesteps(state, timesteps=ays)
     assert static.timesteps.tolist() == ays and not static.has_runtime_length
     assert static.prev_timesteps.tolist() == ays[1:] + [-1]
-    diffusers_rule = set_timesteps(create_state(DDIMConfig()), timesteps=np.array(ays))
-    assert diffusers_rule.prev_timesteps.tolist() == [t - 100 for t in ays]  # t - T // S
     padded = set_timesteps(state, 6, timesteps=ays)
     assert padded.timesteps.tolist() == ays[:6] + [-1] * 4
     assert padded.prev_timesteps.tolist() == ays[1:6] + [-1] * 5
     traced = jax.jit(lambda ts, s: set_timesteps(state, s, timesteps=ts))(jnp.array(ays), 6)
     np.testing.assert_array_equal(traced.timesteps, padded.timesteps)
     np.testing.assert_array_equal(traced.prev_timesteps, padded.prev_timesteps)
+
+
+def test_custom_grid_never_steps_off_the_grid_silently():
+    """Under the default diffusers rule a step moves to ``t - T // S``: on the Align Your Steps grid
+    that is 999 -> 899 while the next model call is at 850, a plausible wrong sample. A known grid
+    off the rule raises; a traced one gives NaN; a grid spaced by T // S runs as diffusers does."""
+    base = create_state(DDIMConfig())
+    ays = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+    match = r"step 0 would move from 999 to 899, not to the next entry 850.*prev_timestep_rule='schedule'"
+    with pytest.raises(ValueError, match=match):
+        set_timesteps(base, timesteps=ays)
+    with pytest.raises(ValueError, match=r"not spaced by num_train_timesteps // S = 166"):
+        set_timesteps(base, 6, timesteps=ays)  # the first 6 entries of the padded table count
+    even = set_timesteps(base, timesteps=range(900, -1, -100))  # spaced by T // S = 100
+    assert even.prev_timesteps.tolist() == list(range(800, -101, -100))
+    assert set_timesteps(base, 4, timesteps=[999, 749, 499, 249, 100]).num_steps == 4
+
+    x = jnp.ones((1, 3))
+    run = jax.jit(lambda ts, s: sample(lambda x, t: 0.1 * x, set_timesteps(base, s, timesteps=ts), x))
+    assert np.isnan(np.asarray(run(jnp.array(ays), 10))).all()
+    assert np.isnan(np.asarray(run(jnp.array(ays), 6))).all()
+    on_grid = run(jnp.array([999, 749, 499, 249, 100]), 4)
+    static = sample(
+        lambda x, t: 0.1 * x, set_timesteps(create_state(DDIMConfig(timestep_spacing="trailing")), 4), x
+    )
+    np.testing.assert_allclose(np.asarray(on_grid), np.asarray(static), rtol=1e-6)
+    # the schedule rule takes the uneven grid: each step to the next entry
+    scheduled = set_timesteps(create_state(DDIMConfig(prev_timestep_rule="schedule")), timesteps=ays)
+    assert scheduled.prev_timesteps.tolist() == ays[1:] + [-1]
 
 
 @pytest.mark.parametrize(
@@ -346,8 +373,9 @@ def test_out_of_range_runtime_values_give_nan():
     custom = jax.jit(
         lambda ts, s: sample(model_fn, set_timesteps(base, s, timesteps=ts), x, model_args=(0.8,))
     )
-    assert np.isfinite(custom(jnp.array([900, 500, 100, 700]), 3)).all()  # entry 3 is padding
-    for ts in ([900, 500, 700, 100], [900, 500, 500, 100], [1000, 500, 300, 100], [900, 500, 300, -5]):
+    assert np.isfinite(custom(jnp.array([999, 666, 333, 700]), 3)).all()  # entry 3 is padding
+    # (spaced by T // S, as the default prev_timestep_rule needs, except the first two)
+    for ts in ([900, 500, 700, 100], [900, 500, 500, 100], [1000, 750, 500, 250], [745, 495, 245, -5]):
         assert np.isnan(custom(jnp.array(ts), 4)).all(), ts
     _, trajectory = jax.jit(
         lambda s: sample(

@@ -1,7 +1,9 @@
 """Drop-in replacements for other libraries' scheduler APIs, as thin layers over ddim_jax.
 
 `FlaxDDIMScheduler` keeps the signatures of diffusers' ``FlaxDDIMScheduler`` (v0.35; Flax was
-removed from diffusers in v0.40), so code written for it runs with an import change:
+removed from diffusers in v0.40), so code written for it runs with an import change, and
+diffusers' own Flax pipelines take it (docs/diffusers.md says how, without ddim_jax importing
+diffusers):
 
 Example:
   >>> import jax.numpy as jnp
@@ -14,6 +16,18 @@ Example:
   (1, 4, 8, 8)
 """
 
-from ddim_jax.compat._flax_ddim import FlaxDDIMScheduler, FlaxDDIMSchedulerOutput, SchedulerConfig
+from ddim_jax.compat._flax_ddim import (
+    CommonSchedulerState,
+    FlaxDDIMScheduler,
+    FlaxDDIMSchedulerOutput,
+    FlaxDDIMSchedulerState,
+    SchedulerConfig,
+)
 
-__all__ = ["FlaxDDIMScheduler", "FlaxDDIMSchedulerOutput", "SchedulerConfig"]
+__all__ = [
+    "CommonSchedulerState",
+    "FlaxDDIMScheduler",
+    "FlaxDDIMSchedulerOutput",
+    "FlaxDDIMSchedulerState",
+    "SchedulerConfig",
+]

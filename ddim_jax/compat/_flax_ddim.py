@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -14,10 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddim_jax
-from ddim_jax._checks import is_traced
+from ddim_jax._checks import check_bool, is_traced
 from ddim_jax._config import CONFIG_FILE, find_config_file, read_config_file
 
-__all__ = ["FlaxDDIMScheduler", "FlaxDDIMSchedulerOutput", "SchedulerConfig"]
+__all__ = [
+    "CommonSchedulerState",
+    "FlaxDDIMScheduler",
+    "FlaxDDIMSchedulerOutput",
+    "FlaxDDIMSchedulerState",
+    "SchedulerConfig",
+]
 
 _CONFIG_NAMES = tuple(f.name for f in dataclasses.fields(ddim_jax.DDIMConfig))
 # Constructor arguments that are not config entries: diffusers kept ``dtype`` out of the saved
@@ -31,37 +38,33 @@ def _as_tuple(values: Any) -> Any:
     return tuple(np.asarray(values).tolist()) if hasattr(values, "shape") else values
 
 
-class SchedulerConfig(Mapping):
-    """A read-only config with attribute access (``config.num_train_timesteps``), as diffusers'
-    ``FrozenDict``.
+class SchedulerConfig(dict):
+    """A read-only dict with attribute access (``config.num_train_timesteps``), as diffusers'
+    ``FrozenDict``: a ``dict``, so diffusers' ``from_config`` takes it.
 
     Example:
       >>> from ddim_jax.compat import FlaxDDIMScheduler
       >>> config = FlaxDDIMScheduler(steps_offset=1).config
-      >>> config.steps_offset, config["steps_offset"]
-      (1, 1)
+      >>> config.steps_offset, config["steps_offset"], isinstance(config, dict)
+      (1, 1, True)
     """
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self._values = dict(values)
-
-    def __getitem__(self, name: str) -> Any:
-        return self._values[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return self.__dict__["_values"][name]
+            return self[name]
         except KeyError:
             raise AttributeError(f"'SchedulerConfig' object has no attribute {name!r}") from None
 
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("SchedulerConfig is read-only: make a scheduler with from_config(config, **changes)")
+
+    __setitem__ = __delitem__ = __setattr__ = update = pop = popitem = setdefault = clear = _read_only
+
+    def __reduce__(self) -> tuple:
+        return (SchedulerConfig, (dict(self),))
+
     def __repr__(self) -> str:
-        return f"SchedulerConfig({self._values!r})"
+        return f"SchedulerConfig({dict(self)!r})"
 
 
 class FlaxDDIMSchedulerOutput(NamedTuple):
@@ -83,6 +86,65 @@ class FlaxDDIMSchedulerOutput(NamedTuple):
     def to_tuple(self) -> tuple[jax.Array, ddim_jax.DDIMState]:
         """``(prev_sample, state)``, as diffusers' ``BaseOutput.to_tuple``."""
         return tuple(self)
+
+    def __getitem__(self, key: Any) -> Any:
+        """``out["prev_sample"]`` as diffusers' ``BaseOutput`` (a dict), ``out[0]`` as a tuple."""
+        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+    def keys(self) -> tuple[str, ...]:
+        """The field names, as ``BaseOutput.keys()``."""
+        return self._fields
+
+    def values(self) -> tuple[jax.Array, ddim_jax.DDIMState]:
+        return tuple(self)
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(zip(self._fields, self, strict=True))
+
+
+class CommonSchedulerState(NamedTuple):
+    """diffusers' ``CommonSchedulerState``: the float32 tables (betas computed in float64).
+
+    Example:
+      >>> from ddim_jax.compat import FlaxDDIMScheduler
+      >>> common = FlaxDDIMScheduler().create_state().common
+      >>> common.alphas_cumprod.shape, common.betas.dtype
+      ((1000,), dtype('float32'))
+    """
+
+    alphas: jax.Array
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FlaxDDIMSchedulerState(ddim_jax.DDIMState):
+    """`ddim_jax.DDIMState` with the attributes of diffusers' ``FlaxDDIMSchedulerState``:
+    ``state.common`` and ``state.replace(...)``. Every ddim_jax function takes it.
+
+    Example:
+      >>> from ddim_jax.compat import FlaxDDIMScheduler
+      >>> scheduler = FlaxDDIMScheduler(timestep_spacing="trailing", prev_timestep_rule="schedule")
+      >>> state = scheduler.set_timesteps(scheduler.create_state(), 4)
+      >>> state.replace(timesteps=[999, 500, 200, 20]).prev_timesteps.tolist()
+      [500, 200, 20, -1]
+    """
+
+    @property
+    def common(self) -> CommonSchedulerState:
+        """``(alphas, betas, alphas_cumprod)``, as diffusers' ``state.common``."""
+        betas = ddim_jax.betas_for_config(self.config)
+        return CommonSchedulerState(
+            jnp.asarray(1.0 - betas, jnp.float32), jnp.asarray(betas, jnp.float32), self.alphas_cumprod
+        )
+
+    def replace(self, **changes: Any) -> FlaxDDIMSchedulerState:
+        """A copy with ``changes`` (flax's ``struct.replace``); new ``timesteps`` go through
+        `ddim_jax.set_timesteps` (``timesteps=``), so the previous timesteps follow them."""
+        timesteps = changes.pop("timesteps", None)
+        state = dataclasses.replace(self, **changes)
+        return state if timesteps is None else ddim_jax.set_timesteps(state, timesteps=timesteps)
 
 
 class FlaxDDIMScheduler:
@@ -110,6 +172,16 @@ class FlaxDDIMScheduler:
     config_name = CONFIG_FILE
     has_state = True
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> FlaxDDIMScheduler:
+        # With diffusers imported, an instance of the subclass that is also diffusers'
+        # FlaxSchedulerMixin, so diffusers' Flax pipelines take it (docs/diffusers.md).
+        bridge = _diffusers_subclass() if cls is FlaxDDIMScheduler else None
+        return super().__new__(bridge or cls)
+
+    def __reduce__(self) -> tuple:
+        # pickles by config: the diffusers subclass is not importable by its name
+        return (FlaxDDIMScheduler.from_config, (self.ddim_config, np.dtype(self.dtype)))
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -133,6 +205,9 @@ class FlaxDDIMScheduler:
         prev_timestep_rule: str = "diffusers",
     ) -> None:
         if rescale_zero_terminal_snr is not None:
+            # The alias is checked as strictly as the native key (a string "false" is truthy).
+            check_bool("rescale_zero_terminal_snr", rescale_zero_terminal_snr)
+            check_bool("rescale_betas_zero_snr", rescale_betas_zero_snr)
             if rescale_betas_zero_snr and not rescale_zero_terminal_snr:
                 raise ValueError(
                     "rescale_zero_terminal_snr=False contradicts rescale_betas_zero_snr=True: "
@@ -177,7 +252,9 @@ class FlaxDDIMScheduler:
         return f"FlaxDDIMScheduler({self.ddim_config!r})"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | ddim_jax.DDIMConfig, **kwargs: Any) -> FlaxDDIMScheduler:
+    def from_config(
+        cls, config: Mapping[str, Any] | ddim_jax.DDIMConfig, dtype: Any = None, **kwargs: Any
+    ) -> FlaxDDIMScheduler:
         """A scheduler from a config mapping (any diffusers scheduler's ``.config``, a loaded
         ``scheduler_config.json``) or a `ddim_jax.DDIMConfig`; ``kwargs`` override entries.
 
@@ -202,6 +279,8 @@ class FlaxDDIMScheduler:
                 f"FlaxDDIMScheduler ignores these scheduler config keys: {', '.join(unused)}",
                 stacklevel=2,
             )
+        if dtype is not None:
+            merged["dtype"] = dtype
         return cls(**{k: v for k, v in merged.items() if k in names})
 
     @classmethod
@@ -267,7 +346,8 @@ class FlaxDDIMScheduler:
                 "common must be None: the tables are computed from the scheduler's config "
                 "(diffusers' CommonSchedulerState is not used)"
             )
-        return ddim_jax.create_state(self.ddim_config)
+        state = ddim_jax.create_state(self.ddim_config)
+        return FlaxDDIMSchedulerState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)})
 
     def set_timesteps(
         self, state: ddim_jax.DDIMState, num_inference_steps: int, shape: tuple = ()
@@ -396,3 +476,30 @@ class FlaxDDIMScheduler:
           (4, 3)
         """
         return ddim_jax.get_velocity(state, sample, noise, timesteps)
+
+
+_SUBCLASS: list[type] = []  # the diffusers subclass, made once
+
+
+def _diffusers_subclass() -> type | None:
+    """``FlaxDDIMScheduler`` with diffusers' ``FlaxSchedulerMixin`` as a second base, made the
+    first time a scheduler is created while diffusers is imported; None without diffusers (or
+    with a diffusers that has no Flax, >= 0.40). ddim_jax never imports diffusers itself first.
+
+    Its ``__module__`` is the one of diffusers' own ``FlaxDDIMScheduler``: diffusers' pipelines
+    record a component as ``(module.__module__'s package, class name)`` in ``model_index.json``,
+    so a pipeline saved with it names ``("diffusers", "FlaxDDIMScheduler")`` and loads anywhere
+    diffusers 0.35 does.
+    """
+    if _SUBCLASS or "diffusers" not in sys.modules:
+        return _SUBCLASS[0] if _SUBCLASS else None
+    try:
+        from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin
+    except ImportError:  # diffusers without its Flax classes
+        return None
+    namespace = {
+        "__module__": "diffusers.schedulers.scheduling_ddim_flax",
+        "__doc__": FlaxDDIMScheduler.__doc__,
+    }
+    _SUBCLASS.append(type("FlaxDDIMScheduler", (FlaxDDIMScheduler, FlaxSchedulerMixin), namespace))
+    return _SUBCLASS[0]
