@@ -36,6 +36,7 @@ SUITES = (
     "checks_cost",
     "engine",
     "sd_unet",
+    "serve_load",
 )
 
 
