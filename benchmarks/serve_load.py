@@ -581,6 +581,7 @@ def write_figures(results: dict, out_dir: str) -> list[str]:
             ax.barh(i, piece, left=left, color=color, label=name if i == 0 else None)
             left += piece
         ax.text(left + 0.3, i, f"{s['first_response_s']:.1f} s", va="center")
+    ax.set_xlim(0, 1.15 * max(s["first_response_s"] for s in results["starts"]))
     ax.set_yticks(range(len(results["starts"])), [s["start"] for s in results["starts"]])
     ax.set(
         xlabel="seconds from spawning the process",
