@@ -26,18 +26,16 @@ X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
 def random_conditional():
     """A class-conditional UNet with random (not zero-initialised) weights: output depends on all inputs."""
     model = UNet(channels=(4,), num_groups=1, num_classes=10, zero_init=False)
-    # jitted: one compilation instead of Flax's init run op by op (most of this file's time)
-    params = jax.jit(model.init)(jax.random.key(0), X[:1], 0, None, jnp.array([NULL_LABEL]))
+    params = model.init(jax.random.key(0), X[:1], 0, None, jnp.array([NULL_LABEL]))
     return model, params
 
 
 def test_labels_condition_the_output(random_conditional):
     model, params = random_conditional
-    apply = jax.jit(model.apply)  # one program for the four calls
-    out = {y: apply(params, X, 500, labels=jnp.full(4, y)) for y in (0, 1, NULL_LABEL)}
+    out = {y: model.apply(params, X, 500, labels=jnp.full(4, y)) for y in (0, 1, NULL_LABEL)}
     assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
     assert float(jnp.abs(out[0] - out[NULL_LABEL]).max()) > 1e-3
-    mixed = apply(params, X, 500, labels=jnp.array([0, 1, NULL_LABEL, 0]))
+    mixed = model.apply(params, X, 500, labels=jnp.array([0, 1, NULL_LABEL, 0]))
     np.testing.assert_allclose(mixed[1], out[1][1], atol=1e-6)  # per example
     np.testing.assert_allclose(mixed[2], out[NULL_LABEL][2], atol=1e-6)
 
