@@ -28,7 +28,7 @@ from ddim_jax._checks import ETA, ETA_REASON, Interval, check_in, eta_in_range
 from ddim_jax._config import DDIMConfig
 from ddim_jax._forward import add_noise
 from ddim_jax._guidance import classifier_free_guidance
-from ddim_jax._model_call import GUIDANCE_LAYOUTS, check_model_output
+from ddim_jax._model_call import check_call_options, check_model_output
 from ddim_jax._noise import key_batch_shape, step_keys
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._sample import check_runtime_key
@@ -502,8 +502,7 @@ class Engine:
         uncond: Any = None,
         key_impl: Any = None,
     ):
-        if not callable(model_fn):
-            raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+        check_call_options(model_fn, model_args, guidance_layout, model_dtype)
         if isinstance(config_or_state, DDIMConfig):
             base = create_state(config_or_state)
         elif isinstance(config_or_state, DDIMState):
@@ -519,16 +518,8 @@ class Engine:
         set_timesteps(base, 1, max_steps=max_steps)  # the state's own checks (e.g. M * T < 2**31)
         latent_shape = self._shape("latent_shape", latent_shape)
         cond_shape = None if cond_shape is None else self._shape("cond_shape", cond_shape)
-        if not isinstance(model_args, tuple):
-            raise TypeError(f"model_args must be a tuple, got {type(model_args).__name__}")
         if not isinstance(guided, bool):
             raise TypeError(f"guided must be a bool, got {guided!r}")
-        if guidance_layout not in GUIDANCE_LAYOUTS:
-            raise ValueError(
-                f"guidance_layout must be one of {list(GUIDANCE_LAYOUTS)}, got {guidance_layout!r}"
-            )
-        if model_dtype is not None and not jnp.issubdtype(model_dtype, jnp.floating):
-            raise TypeError(f"model_dtype must be a float dtype or None, got {model_dtype!r}")
         if mesh is not None:
             if not isinstance(mesh, jax.sharding.Mesh):
                 raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")

@@ -364,7 +364,18 @@ def exact_inversion_method(
     return Method(supports, input_name, inverse, prepare, check=check, **fields)
 
 
-def plan_loop(method: Method, state: DDIMState, latents: Any, options: Any) -> tuple[Plan, int]:
+def plan_loop(
+    method: Method,
+    state: DDIMState,
+    latents: Any,
+    start_step: Any,
+    *,
+    return_trajectory: bool = False,
+    remat: bool = False,
+    callback: StepCallback | None = None,
+    callback_every: int = 1,
+    unroll: int = 1,
+) -> tuple[Plan, int]:
     """The shared checks of a loop; returns its `Plan` and the checked ``unroll``."""
     name = method.supports.name
     check_ready(state, name)
@@ -372,11 +383,9 @@ def plan_loop(method: Method, state: DDIMState, latents: Any, options: Any) -> t
         method.check(state)
     x = method.first(latents)
     check_latents(method.input_name, x, name)
-    check_static_bools(return_trajectory=options.return_trajectory, remat=options.remat)
-    check_loop_options(x, options.callback, options.callback_every)
-    runtime, start, unroll = check_schedule_options(
-        name, state, options.start_step, options.remat, options.unroll
-    )
+    check_static_bools(return_trajectory=return_trajectory, remat=remat)
+    check_loop_options(x, callback, callback_every)
+    runtime, start, unroll = check_schedule_options(name, state, start_step, remat, unroll)
     return Plan(runtime, start, compute_dtype(x)), unroll
 
 
@@ -390,7 +399,17 @@ class _Carry(NamedTuple):
 def run_loop(method: Method, model_fn: ModelFn, state: DDIMState, latents: Any, options: LoopOptions) -> Any:
     """Runs ``method`` over ``state``'s schedule from ``latents``: one ``lax.scan`` for a static
     schedule and a Python ``start_step``, else the runtime-length loop (`padded_steps`)."""
-    plan, unroll = plan_loop(method, state, latents, options)
+    plan, unroll = plan_loop(
+        method,
+        state,
+        latents,
+        options.start_step,
+        return_trajectory=options.return_trajectory,
+        remat=options.remat,
+        callback=options.callback,
+        callback_every=options.callback_every,
+        unroll=options.unroll,
+    )
     model = ModelCall.build(
         method.supports,
         state,

@@ -54,6 +54,18 @@ def check_model_output(out: Any) -> None:
     raise TypeError(f"model_fn must return an array, got a {kind}: {fix}")
 
 
+def check_call_options(model_fn: Any, model_args: Any, guidance_layout: Any, model_dtype: Any) -> None:
+    """The model call's own arguments, as every loop and the engine take them."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    if not isinstance(model_args, tuple):
+        raise TypeError(f"model_args must be a tuple, got {type(model_args).__name__}")
+    if guidance_layout not in GUIDANCE_LAYOUTS:
+        raise ValueError(f"guidance_layout must be one of {list(GUIDANCE_LAYOUTS)}, got {guidance_layout!r}")
+    if model_dtype is not None and not jnp.issubdtype(model_dtype, jnp.floating):
+        raise TypeError(f"model_dtype must be a float dtype or None, got {model_dtype!r}")
+
+
 def _check_guider(guider: Any, guidance_scale: Any, model_args: tuple) -> None:
     if not isinstance(guider, Guider):
         raise TypeError(f"guider must be a Guider (e.g. ddim_jax.cfg(7.5)), got {type(guider).__name__}")
@@ -104,16 +116,7 @@ class ModelCall(NamedTuple):
         model_dtype: Any,
     ) -> ModelCall:
         """The checked call for ``latents`` (the CFG shorthand turned into its `cfg` guider)."""
-        if not callable(model_fn):
-            raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-        if not isinstance(model_args, tuple):
-            raise TypeError(f"model_args must be a tuple, got {type(model_args).__name__}")
-        if guidance_layout not in GUIDANCE_LAYOUTS:
-            raise ValueError(
-                f"guidance_layout must be one of {list(GUIDANCE_LAYOUTS)}, got {guidance_layout!r}"
-            )
-        if model_dtype is not None and not jnp.issubdtype(model_dtype, jnp.floating):
-            raise TypeError(f"model_dtype must be a float dtype or None, got {model_dtype!r}")
+        check_call_options(model_fn, model_args, guidance_layout, model_dtype)
         check_guidance_combination(guidance_scale, guidance_rescale, guidance_layout, guider)
         if guider is None:
             if guidance_scale is not None:  # values and shapes, no compute

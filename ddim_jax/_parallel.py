@@ -19,14 +19,11 @@ import jax.numpy as jnp
 from ddim_jax._checks import (
     Interval,
     check_in,
-    check_latents,
     check_positive_int,
-    check_ready,
-    compute_dtype,
     nan_unless,
 )
 from ddim_jax._guiders import Guider
-from ddim_jax._loop import ModelFn, Plan, check_loop_options, check_schedule_options, steps_to_run
+from ddim_jax._loop import ModelFn, Plan, plan_loop, steps_to_run
 from ddim_jax._model_call import ModelCall, Supports
 from ddim_jax._sample import ddim_method
 from ddim_jax._state import DDIMState
@@ -223,17 +220,13 @@ SUPPORTS = Supports("parallel_sample", no_guider_state="its steps do not run in 
 
 
 def _plan(method, state: DDIMState, latents: Any, start_step: Any) -> tuple[Plan, Any, Any]:
-    """The checks of `parallel_sample`'s schedule and latents: ``(plan, steps to run, valid)``,
-    valid False (traced) when S, ``start_step`` or the schedule are out of range."""
-    check_ready(state, "parallel_sample")
-    check_latents("latents", latents, "parallel_sample")
-    check_loop_options(latents, None, 1)
-    runtime, start, _ = check_schedule_options("parallel_sample", state, start_step, False, 1)
-    plan = Plan(runtime, start, compute_dtype(latents))
-    if runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
-        valid, num_steps = steps_to_run(state, start)
+    """The driver's checks of the schedule and latents (`plan_loop`): ``(plan, steps to run,
+    valid)``, valid False (traced) when S, ``start_step`` or the schedule are out of range."""
+    plan, _ = plan_loop(method, state, latents, start_step)
+    if plan.runtime:  # all M table entries; steps [start, S) run, none when a traced value is invalid
+        valid, num_steps = steps_to_run(state, plan.start)
         return plan, num_steps, valid
-    return plan, state.num_inference_steps - start, True
+    return plan, state.num_inference_steps - plan.start, True
 
 
 def _thresholds(state: DDIMState, dtype: Any, tolerance: Any) -> jax.Array:
