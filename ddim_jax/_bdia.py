@@ -25,17 +25,8 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import check_fraction, latent_pair
 from ddim_jax._config import DDIMConfig
-from ddim_jax._guiders import Guider
-from ddim_jax._loop import (
-    LoopOptions,
-    ModelFn,
-    Plan,
-    Prepared,
-    StepCallback,
-    Trajectory,
-    exact_inversion_method,
-    run_loop,
-)
+from ddim_jax._loop import Plan, Prepared, Trajectory, exact_inversion_method, run_loop, takes_options
+from ddim_jax._model_call import ModelFn
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
     Alphas,
@@ -59,8 +50,9 @@ class BDIALatents(NamedTuple):
     Example:
       >>> import jax.numpy as jnp
       >>> from ddim_jax import BDIALatents
-      >>> BDIALatents(jnp.zeros(2), jnp.ones(2)).x_next.tolist()
-      [1.0, 1.0]
+      >>> pair = BDIALatents(x=jnp.zeros(3), x_next=jnp.full(3, 0.5))
+      >>> pair._fields, pair.x_next.tolist()
+      (('x', 'x_next'), [0.5, 0.5, 0.5])
     """
 
     x: jax.Array
@@ -147,24 +139,14 @@ def _invert_prepare(gamma: Any):
     return prepare
 
 
+@takes_options()
 def bdia_sample(
     model_fn: ModelFn,
     state: DDIMState,
     latents: jax.Array | BDIALatents,
     *,
     gamma: float | jax.Array = 1.0,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """BDIA-DDIM sampling in one ``lax.scan``, one model call per step: the exact inverse of `bdia_invert`.
 
@@ -174,9 +156,8 @@ def bdia_sample(
     `sample` (no eta: the method is deterministic); the config must have ``clip_sample=False``
     and ``thresholding=False``.
 
-    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
-    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
-    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+    As for EDICT, exact round trips on a GPU or TPU need the model's matmuls and convolutions at
+    full precision (`edict_sample`; docs/inversion.md).
 
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
@@ -194,13 +175,13 @@ def bdia_sample(
       The final sample (float32, the shape of the latents), or ``(sample, trajectory)``.
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import jax.numpy as jnp
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, bdia_invert, bdia_sample
       >>> state = set_timesteps(create_state(DDIMConfig(clip_sample=False)), 10)
-      >>> model_fn = lambda x, t: jnp.tanh(x)
-      >>> x0 = jax.random.normal(jax.random.key(0), (2, 4))
-      >>> latents = bdia_invert(model_fn, state, x0)
-      >>> bool(jnp.allclose(bdia_sample(model_fn, state, latents), x0, rtol=1e-5, atol=1e-5))
+      >>> model_fn = lambda x, t: 0.5 * jnp.sin(x)
+      >>> x0 = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+      >>> latents = bdia_invert(model_fn, state, x0, gamma=0.5)  # the same gamma both ways
+      >>> float(jnp.abs(bdia_sample(model_fn, state, latents, gamma=0.5) - x0).max()) < 1e-5
       True
     """
     method = exact_inversion_method(
@@ -212,27 +193,17 @@ def bdia_sample(
         record=lambda pair: pair[1],
         first=lambda latents: (latent_pair(latents, BDIALatents) or (latents,))[0],
     )
-    return run_loop(method, model_fn, state, latents, LoopOptions.of(locals()))
+    return run_loop(method, model_fn, state, latents, options)
 
 
+@takes_options()
 def bdia_invert(
     model_fn: ModelFn,
     state: DDIMState,
     x0: jax.Array,
     *,
     gamma: float | jax.Array = 1.0,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> BDIALatents | tuple[BDIALatents, Trajectory]:
     """Encodes ``x0`` to BDIA latents in one ``lax.scan`` over the ascending schedule (one model call a step).
 
@@ -242,9 +213,8 @@ def bdia_invert(
     round-off. With ``start_step`` it stops at ``state.timesteps[start_step]``, where
     ``bdia_sample(..., start_step=start_step)`` begins.
 
-    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
-    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
-    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+    As for EDICT, exact round trips on a GPU or TPU need the model's matmuls and convolutions at
+    full precision (`edict_sample`; docs/inversion.md).
 
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
@@ -275,4 +245,4 @@ def bdia_invert(
         result=lambda pair: BDIALatents(pair[1], pair[0]),
         record=lambda pair: pair[1],
     )
-    return run_loop(method, model_fn, state, x0, LoopOptions.of(locals()))
+    return run_loop(method, model_fn, state, x0, options)

@@ -25,22 +25,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import (
-    check_fraction,
-    latent_pair,
-)
+from ddim_jax._checks import check_fraction, latent_pair
 from ddim_jax._config import DDIMConfig
-from ddim_jax._guiders import Guider
 from ddim_jax._loop import (
-    LoopOptions,
     Method,
     ModelFn,
     Plan,
     Prepared,
-    StepCallback,
     Trajectory,
     exact_inversion_method,
     run_loop,
+    takes_options,
 )
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, predict_x0_and_eps, step_coefficients
@@ -59,9 +54,11 @@ class EDICTLatents(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from ddim_jax import EDICTLatents
-      >>> EDICTLatents(jnp.zeros(2), jnp.ones(2)).y.tolist()
-      [1.0, 1.0]
+      >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, edict_invert
+      >>> state = set_timesteps(create_state(DDIMConfig(clip_sample=False)), 4)
+      >>> latents = edict_invert(lambda x, t: 0.1 * x, state, jnp.ones((1, 2)))
+      >>> type(latents).__name__, latents.y.shape
+      ('EDICTLatents', (1, 2))
     """
 
     x: jax.Array
@@ -154,24 +151,14 @@ def _edict_method(name: str, mixing: Any, inverse: bool) -> Method:
     )
 
 
+@takes_options()
 def edict_sample(
     model_fn: ModelFn,
     state: DDIMState,
     latents: jax.Array | EDICTLatents,
     *,
     mixing: float | jax.Array = EDICT_MIXING,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """EDICT denoising over ``state.timesteps`` in one ``lax.scan``: the exact inverse of `edict_invert`.
 
@@ -209,27 +196,17 @@ def edict_sample(
       True
     """
     method = _edict_method("edict_sample", mixing, inverse=False)
-    return run_loop(method, model_fn, state, latents, LoopOptions.of(locals()))
+    return run_loop(method, model_fn, state, latents, options)
 
 
+@takes_options()
 def edict_invert(
     model_fn: ModelFn,
     state: DDIMState,
     x0: jax.Array,
     *,
     mixing: float | jax.Array = EDICT_MIXING,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> EDICTLatents | tuple[EDICTLatents, Trajectory]:
     """Encodes ``x0`` to EDICT's coupled noise latents, in one ``lax.scan`` over the ascending schedule.
 
@@ -239,9 +216,7 @@ def edict_invert(
     steps. Two model calls per step. With ``start_step`` the inversion stops at
     ``state.timesteps[start_step]``, where ``edict_sample(..., start_step=start_step)`` begins.
 
-    On a GPU or TPU the round trip is exact only with full-precision matmuls and convolutions in
-    the model (trace under ``jax.default_matmul_precision("highest")``): at an H200's default
-    (TF32) the demo-UNet EDICT round trip missed by 7.2e-4, the CPU 1.2e-4 (docs/inversion.md).
+    Exact on a GPU or TPU only with full-precision matmuls, as `edict_sample` says.
 
     Args:
       model_fn: ``model_fn(x, t, *model_args) -> model_output``, as for `sample`.
@@ -259,9 +234,10 @@ def edict_invert(
       >>> import jax.numpy as jnp
       >>> from ddim_jax import DDIMConfig, create_state, set_timesteps, edict_invert
       >>> state = set_timesteps(create_state(DDIMConfig(clip_sample=False)), 5)
-      >>> latents = edict_invert(lambda x, t: 0.5 * x, state, jnp.ones((1, 3)))
-      >>> latents.x.shape, latents.y.shape
-      ((1, 3), (1, 3))
+      >>> # a partial inversion, to timesteps[2], where edict_sample(..., start_step=2) begins
+      >>> partial = edict_invert(lambda x, t: 0.5 * x, state, jnp.ones((1, 3)), start_step=2)
+      >>> int(state.timesteps[2]), partial.y.shape
+      (400, (1, 3))
     """
     method = _edict_method("edict_invert", mixing, inverse=True)
-    return run_loop(method, model_fn, state, x0, LoopOptions.of(locals()))
+    return run_loop(method, model_fn, state, x0, options)

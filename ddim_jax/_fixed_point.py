@@ -20,19 +20,8 @@ import jax.numpy as jnp
 
 from ddim_jax._checks import Interval, check_sample_prediction_start, is_int_scalar, is_traced, shown
 from ddim_jax._config import DDIMConfig
-from ddim_jax._guiders import Guider
 from ddim_jax._inversion import _inverse_coefficients, _inverse_update
-from ddim_jax._loop import (
-    LoopOptions,
-    Method,
-    ModelFn,
-    Plan,
-    Prepared,
-    StepCallback,
-    Supports,
-    Trajectory,
-    run_loop,
-)
+from ddim_jax._loop import Method, ModelFn, Plan, Prepared, Supports, Trajectory, run_loop, takes_options
 from ddim_jax._state import DDIMState
 from ddim_jax._step import StepCoefficients, StepOutput, alpha_at, ddim_update
 
@@ -119,24 +108,14 @@ def fixed_point_step(
     return jax.lax.fori_loop(0, iterations, iterate, first)
 
 
+@takes_options()
 def fixed_point_invert(
     model_fn: ModelFn,
     state: DDIMState,
     x0: jax.Array,
     *,
     iterations: int | jax.Array = 3,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """DDIM inversion whose every step is solved so that plain `sample` undoes it.
 
@@ -167,7 +146,8 @@ def fixed_point_invert(
       >>> bool(jnp.abs(sample(model_fn, state, x_T) - x0).max() < 1e-3 * ddim_error)
       True
     """
-    return run_loop(_fixed_point_method(iterations), model_fn, state, x0, LoopOptions.of(locals()))
+    method = _fixed_point_method(iterations)
+    return run_loop(method, model_fn, state, x0, options)
 
 
 def _fixed_point_method(iterations: Any) -> Method:

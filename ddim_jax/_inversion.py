@@ -18,18 +18,7 @@ from ddim_jax._checks import (
     nan_unless,
 )
 from ddim_jax._config import DDIMConfig
-from ddim_jax._guiders import Guider
-from ddim_jax._loop import (
-    LoopOptions,
-    Method,
-    ModelFn,
-    Plan,
-    Prepared,
-    StepCallback,
-    Supports,
-    Trajectory,
-    run_loop,
-)
+from ddim_jax._loop import Method, ModelFn, Plan, Prepared, Supports, Trajectory, run_loop, takes_options
 from ddim_jax._state import DDIMState
 from ddim_jax._step import (
     Alphas,
@@ -98,23 +87,12 @@ def inverse_step(
     return nan_unless(valid, out)
 
 
+@takes_options()
 def invert(
     model_fn: ModelFn,
     state: DDIMState,
     x0: jax.Array,
-    *,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Encodes a clean sample to noise by running `inverse_step` over the ascending schedule.
 
@@ -137,9 +115,8 @@ def invert(
       >>> bool(jnp.allclose(sample(model_fn, state, x_T), x0, atol=5e-3))
       True
     """
-    return run_loop(
-        inversion_method(Supports("invert", inverse=True)), model_fn, state, x0, LoopOptions.of(locals())
-    )
+    method = inversion_method(Supports("invert", inverse=True))
+    return run_loop(method, model_fn, state, x0, options)
 
 
 def inversion_method(supports: Supports) -> Method:

@@ -9,6 +9,7 @@ guider's state, the trajectory, the callback, remat, unroll and ``start_step``.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ from ddim_jax._checks import (
     nan_unless,
     shown,
 )
+from ddim_jax._guiders import Guider
 from ddim_jax._model_call import ModelCall, ModelFn, Supports
 from ddim_jax._padded import schedule_is_valid
 from ddim_jax._state import DDIMState
@@ -38,6 +40,7 @@ from ddim_jax._step import StepOutput
 
 __all__ = [
     "LoopOptions",
+    "MODEL_CALL_OPTIONS",
     "Method",
     "ModelFn",
     "Plan",
@@ -46,6 +49,7 @@ __all__ = [
     "Supports",
     "Trajectory",
     "run_loop",
+    "takes_options",
 ]
 
 StepCallback = Callable[[jax.Array, jax.Array, jax.Array], Any]
@@ -262,25 +266,73 @@ def steps_to_run(state: DDIMState, start: jax.Array, skip: int = 0) -> tuple[jax
 
 
 class LoopOptions(NamedTuple):
-    """The options every sequential loop takes, as its public function's keyword arguments."""
+    """The options every sequential loop takes, as its public function's keyword arguments:
+    the one place their names, types and defaults are declared (`takes_options` puts them in
+    each public signature). The first six are the model call's own (`model_call`)."""
 
-    model_args: tuple
-    guidance_scale: Any
-    guidance_rescale: Any
-    guidance_layout: str
-    guider: Any
-    model_dtype: Any
-    return_trajectory: bool
-    callback: StepCallback | None
-    callback_every: int
-    remat: bool
-    start_step: Any
-    unroll: int
+    model_args: tuple = ()
+    guidance_scale: float | jax.Array | None = None
+    guidance_rescale: float | jax.Array = 0.0
+    guidance_layout: str = "concat"
+    guider: Guider | None = None
+    model_dtype: Any = None
+    return_trajectory: bool = False
+    callback: StepCallback | None = None
+    callback_every: int = 1
+    remat: bool = False
+    start_step: int | jax.Array = 0
+    unroll: int = 1
 
     @classmethod
-    def of(cls, arguments: Mapping[str, Any]) -> LoopOptions:
-        """The options among a public loop's arguments (its ``locals()``), read by name."""
-        return cls(**{name: arguments[name] for name in cls._fields})
+    def read(cls, loop: str, options: Mapping[str, Any], declared: tuple[str, ...] = ()) -> LoopOptions:
+        """The options the public function ``loop`` got as ``**options``, where its signature
+        declares the fields ``declared`` (all of them when none is named): another name is a
+        TypeError worded as Python's own; the ones not passed take their defaults."""
+        for name in options:
+            if name not in (declared or cls._fields):
+                raise TypeError(f"{loop}() got an unexpected keyword argument {name!r}")
+        return cls(**options)
+
+    def model_call(self) -> tuple:
+        """``(model_args, guidance_scale, guidance_rescale, guidance_layout, guider, model_dtype)``,
+        in `ModelCall.build`'s order."""
+        return tuple(self)[: len(MODEL_CALL_OPTIONS)]
+
+
+MODEL_CALL_OPTIONS = LoopOptions._fields[:6]
+"""The options of the guided model call alone (`parallel_sample` takes these and ``start_step``)."""
+
+
+def takes_options(*names: str) -> Callable[[Callable], Callable]:
+    """Declares the `LoopOptions` fields ``names`` (all of them when none is named) as keyword-only
+    parameters of a public loop that takes them as ``**options``, after its own: its signature
+    (``inspect.signature``, ``help``, the API docs) shows each with its type and default."""
+
+    def declare(loop: Callable) -> Callable:
+        own = inspect.signature(loop)
+        fixed = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, default, annotation in _declared(names or LoopOptions._fields)
+        ]
+        loop.__signature__ = own.replace(parameters=fixed + shared)
+        return loop
+
+    return declare
+
+
+def _declared(names: tuple[str, ...]) -> list[tuple[str, Any, str]]:
+    """``(name, default, annotation)`` of these `LoopOptions` fields, the annotation a string as
+    under ``from __future__ import annotations`` (NamedTuple holds it as a ForwardRef)."""
+    annotations = LoopOptions.__annotations__
+    return [
+        (
+            name,
+            LoopOptions._field_defaults[name],
+            getattr(annotations[name], "__forward_arg__", annotations[name]),
+        )
+        for name in names
+    ]
 
 
 class Plan(NamedTuple):
@@ -396,9 +448,11 @@ class _Carry(NamedTuple):
     guider_state: Any
 
 
-def run_loop(method: Method, model_fn: ModelFn, state: DDIMState, latents: Any, options: LoopOptions) -> Any:
+def run_loop(method: Method, model_fn: ModelFn, state: DDIMState, latents: Any, options: Mapping) -> Any:
     """Runs ``method`` over ``state``'s schedule from ``latents``: one ``lax.scan`` for a static
-    schedule and a Python ``start_step``, else the runtime-length loop (`padded_steps`)."""
+    schedule and a Python ``start_step``, else the runtime-length loop (`padded_steps`).
+    ``options``: the `LoopOptions` the public loop got as ``**options`` (`takes_options`)."""
+    options = LoopOptions.read(method.supports.name, options)
     plan, unroll = plan_loop(
         method,
         state,
@@ -415,12 +469,7 @@ def run_loop(method: Method, model_fn: ModelFn, state: DDIMState, latents: Any, 
         state,
         method.first(latents),
         model_fn,
-        options.model_args,
-        options.guidance_scale,
-        options.guidance_rescale,
-        options.guidance_layout,
-        options.guider,
-        options.model_dtype,
+        *options.model_call(),
     )
     prepared = method.prepare(state, latents, plan)
     index = prepared.index

@@ -16,20 +16,24 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddim_jax._checks import (
-    Interval,
-    check_in,
-    check_positive_int,
-    nan_unless,
+from ddim_jax._checks import Interval, check_in, check_positive_int, nan_unless
+from ddim_jax._loop import (
+    MODEL_CALL_OPTIONS,
+    LoopOptions,
+    ModelFn,
+    Plan,
+    plan_loop,
+    steps_to_run,
+    takes_options,
 )
-from ddim_jax._guiders import Guider
-from ddim_jax._loop import ModelFn, Plan, plan_loop, steps_to_run
 from ddim_jax._model_call import ModelCall, Supports
 from ddim_jax._sample import ddim_method
 from ddim_jax._state import DDIMState
 from ddim_jax._step import alpha_at, step_coefficients
 
 __all__ = ["ParallelResult", "parallel_sample"]
+
+_OPTIONS = (*MODEL_CALL_OPTIONS, "start_step")  # the loop options parallel_sample takes
 
 
 class ParallelResult(NamedTuple):
@@ -83,6 +87,7 @@ def _check_max_iterations(max_iterations: Any, default: Any) -> tuple[Any, bool 
     return max_iterations, check_in("max_iterations", max_iterations, Interval(1, math.inf, high_open=True))
 
 
+@takes_options(*_OPTIONS)
 def parallel_sample(
     model_fn: ModelFn,
     state: DDIMState,
@@ -93,15 +98,9 @@ def parallel_sample(
     max_iterations: int | jax.Array | None = None,
     key: jax.Array | None = None,
     eta: float | jax.Array = 0.0,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
     use_clipped_model_output: bool = False,
-    model_dtype: Any = None,
-    start_step: int | jax.Array = 0,
     window_sharding: jax.sharding.Sharding | None = None,
+    **options: Any,
 ) -> ParallelResult:
     """`sample`'s result in fewer sequential model rounds: Picard iterations over a sliding window.
 
@@ -166,20 +165,10 @@ def parallel_sample(
       >>> int(fast.iterations) < 50, len(traces)
       (True, 1)
     """
+    options = LoopOptions.read("parallel_sample", options, _OPTIONS)
     method = ddim_method(SUPPORTS, key, eta, use_clipped_model_output)
-    plan, num_steps, valid = _plan(method, state, latents, start_step)
-    model = ModelCall.build(
-        SUPPORTS,
-        state,
-        latents,
-        model_fn,
-        model_args,
-        guidance_scale,
-        guidance_rescale,
-        guidance_layout,
-        guider,
-        model_dtype,
-    )
+    plan, num_steps, valid = _plan(method, state, latents, options.start_step)
+    model = ModelCall.build(SUPPORTS, state, latents, model_fn, *options.model_call())
     window = check_positive_int("window", window, " (steps per batched model call)")
     if window_sharding is not None and not isinstance(window_sharding, jax.sharding.Sharding):
         raise TypeError(

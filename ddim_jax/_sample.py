@@ -8,18 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ddim_jax._checks import check_eta, check_static_bools, eta_in_range
-from ddim_jax._guiders import Guider
-from ddim_jax._loop import (
-    LoopOptions,
-    Method,
-    ModelFn,
-    Plan,
-    Prepared,
-    StepCallback,
-    Supports,
-    Trajectory,
-    run_loop,
-)
+from ddim_jax._loop import Method, ModelFn, Plan, Prepared, Supports, Trajectory, run_loop, takes_options
 from ddim_jax._noise import is_per_example, normal_noise, step_keys
 from ddim_jax._state import DDIMState
 from ddim_jax._step import alpha_at, ddim_update, step_coefficients
@@ -27,6 +16,7 @@ from ddim_jax._step import alpha_at, ddim_update, step_coefficients
 __all__ = ["sample"]
 
 
+@takes_options()
 def sample(
     model_fn: ModelFn,
     state: DDIMState,
@@ -34,19 +24,8 @@ def sample(
     *,
     key: jax.Array | None = None,
     eta: float | jax.Array = 0.0,
-    model_args: tuple = (),
-    guidance_scale: float | jax.Array | None = None,
-    guidance_rescale: float | jax.Array = 0.0,
-    guidance_layout: str = "concat",
-    guider: Guider | None = None,
     use_clipped_model_output: bool = False,
-    model_dtype: Any = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    callback_every: int = 1,
-    remat: bool = False,
-    start_step: int | jax.Array = 0,
-    unroll: int = 1,
+    **options: Any,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Denoises ``latents`` over ``state.timesteps`` in one ``lax.scan`` (no host round-trips).
 
@@ -154,7 +133,7 @@ def sample(
       1
     """
     method = ddim_method(Supports("sample"), key, eta, use_clipped_model_output)
-    return run_loop(method, model_fn, state, latents, LoopOptions.of(locals()))
+    return run_loop(method, model_fn, state, latents, options)
 
 
 def ddim_method(supports: Supports, key: Any, eta: Any, use_clipped_model_output: bool) -> Method:

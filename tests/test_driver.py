@@ -4,6 +4,7 @@ shared machinery names no loop."""
 from __future__ import annotations
 
 import ast
+import inspect
 import pathlib
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import ddim_jax as dj
-from ddim_jax._loop import LoopOptions, Method, Plan, Prepared, Supports, run_loop
+from ddim_jax._loop import MODEL_CALL_OPTIONS, LoopOptions, Method, Plan, Prepared, Supports, run_loop
 from ddim_jax._step import StepOutput
 
 PACKAGE = pathlib.Path(dj.__file__).parent
@@ -91,10 +92,8 @@ def test_a_new_method_runs_in_every_mode_with_the_index_passed_to_guiders(revers
     method = _toy_method("toy", reverse)
 
     def run(state, x, start_step, return_trajectory=False):
-        guider = scheduled
-        model_args, guidance_scale, guidance_rescale, guidance_layout = (cond,), None, 0.0, "concat"
-        model_dtype, callback, callback_every, remat, unroll = None, None, 1, False, 1
-        return run_loop(method, _model, state, x, LoopOptions.of(locals()))
+        options = dict(model_args=(cond,), guider=scheduled, start_step=start_step)
+        return run_loop(method, _model, state, x, dict(options, return_trajectory=return_trajectory))
 
     expected = _by_hand(state, x, 2, reverse, scales)
     np.testing.assert_allclose(run(state, x, 2), expected, rtol=1e-6, atol=1e-6)
@@ -118,16 +117,25 @@ def test_the_driver_checks_guiders_against_what_a_method_supports():
     state = dj.set_timesteps(dj.create_state(dj.DDIMConfig()), 4)
     x = jnp.ones((1, 2))
     method = _toy_method("toy", False)._replace(supports=Supports("toy", no_guider_state="it says so"))
-    model_args, guidance_scale, guidance_rescale, guidance_layout = (jnp.ones((2, 1)),), None, 0.0, "concat"
-    model_dtype, return_trajectory, callback, callback_every, remat, start_step, unroll = (
-        None,
-        False,
-        None,
-        1,
-        False,
-        0,
-        1,
-    )
-    guider = dj.apg(2.0, momentum=-0.5)
+    options = dict(model_args=(jnp.ones((2, 1)),), guider=dj.apg(2.0, momentum=-0.5))
     with pytest.raises(ValueError, match="toy needs a stateless guider .*: it says so"):
-        run_loop(method, _model, state, x, LoopOptions.of(locals()))
+        run_loop(method, _model, state, x, options)
+
+
+@pytest.mark.parametrize("name", LOOPS + ["fixed_point_invert"])
+def test_each_loop_declares_the_shared_options_once_in_its_signature(name):
+    """The options a loop takes as ``**options`` stand in its signature with LoopOptions'
+    defaults; a name it does not declare is a TypeError naming the loop, before any compute."""
+    loop = getattr(dj, name)
+    parameters = inspect.signature(loop).parameters
+    shared = LoopOptions._fields if name != "parallel_sample" else (*MODEL_CALL_OPTIONS, "start_step")
+    for option in shared:
+        assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY
+        assert parameters[option].default == LoopOptions._field_defaults[option], option
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    state = dj.set_timesteps(dj.create_state(dj.DDIMConfig(clip_sample=False)), 4)
+    with pytest.raises(TypeError, match=f"^{name}\\(\\) got an unexpected keyword argument 'guidance'"):
+        loop(lambda x, t: x, state, jnp.zeros((1, 2)), guidance=2.0)
+    if name == "parallel_sample":  # the loop options it does not take are not silently ignored
+        with pytest.raises(TypeError, match="unexpected keyword argument 'return_trajectory'"):
+            loop(lambda x, t: x, state, jnp.zeros((1, 2)), return_trajectory=True)
