@@ -124,7 +124,9 @@ def random_params(module, seed: int = 0) -> dict:
     The shapes come from ``jax.eval_shape(module.init_weights, key)``; kernels are normal with
     variance 1 / fan-in (Flax's LeCun default), biases zero, norm scales one. On a CPU this takes
     seconds where ``module.init_weights`` (which runs the model, eagerly or compiled) takes
-    minutes for the tiny test UNet on a loaded machine.
+    minutes for the tiny test UNet on a loaded machine. They are committed to the default
+    device, as ``from_pretrained``'s are, so random and loaded weights of one config run the same
+    compiled program (uncommitted arrays would lower without sharding annotations: a new program).
     """
     shapes = jax.eval_shape(module.init_weights, jax.random.key(0))
     rng = np.random.default_rng(seed)
@@ -138,7 +140,7 @@ def random_params(module, seed: int = 0) -> dict:
             values = np.full(leaf.shape, 1.0 if name == "scale" else 0.0, np.float32)
         return jnp.asarray(values)
 
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes), jax.devices()[0])
 
 
 def random_models(tiny: bool, dtype: Any = jnp.bfloat16, seed: int = 0) -> Models:

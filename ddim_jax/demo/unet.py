@@ -95,9 +95,11 @@ class UNet(nn.Module):
       >>> jax.jit(model.apply)(params, x, jnp.array([10, 500]), text).shape
       (2, 8, 8, 4)
       >>> digits = UNet(channels=(8,), num_classes=10)  # labels 0-9, and 10 = null label
-      >>> params = jax.jit(digits.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), 0, None, jnp.array([10]))
-      >>> digits.apply(params, jnp.zeros((2, 8, 8, 1)), 500, labels=jnp.array([3, 10])).shape
-      (2, 8, 8, 1)
+      >>> # shapes only (jax.eval_shape traces, computes nothing): its parameters and output
+      >>> key, image, null = jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.array([10])
+      >>> shapes = jax.eval_shape(digits.init, key, image, 0, None, null)
+      >>> jax.eval_shape(digits.apply, shapes, image, 500, labels=jnp.array([3])).shape
+      (1, 8, 8, 1)
     """
 
     channels: tuple[int, ...] = (32, 64)
