@@ -3,7 +3,6 @@ through ``--model-dir``, image-to-image, and one compiled program for every step
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -16,21 +15,11 @@ if not hasattr(diffusers, "FlaxUNet2DConditionModel"):
     pytest.skip("needs diffusers' Flax classes (diffusers < 0.40)", allow_module_level=True)
 pytest.importorskip("PIL")
 
+import _tiny_sd  # noqa: E402
+
 import ddim_jax  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location(
-        "stable_diffusion", ROOT / "examples" / "stable_diffusion.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sd = load_example()
+sd = _tiny_sd.load_sd_example()
 
 
 def test_tiny_run_then_the_saved_folder_loads_back_and_image_to_image(tmp_path):
@@ -176,7 +165,6 @@ def test_a_prompt_runs_through_the_folders_flax_clip_text_encoder(tmp_path):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "FlaxCLIPTextModel"):
         pytest.skip("needs transformers' Flax CLIP (transformers < 5)")
-    import _tiny_sd
     from diffusers import FlaxStableDiffusionPipeline
 
     folder = _tiny_sd.build_tiny_pipeline(tmp_path / "model")
@@ -206,8 +194,6 @@ def test_the_seed_example_in_torch_and_in_this_example_agree(tmp_path):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "FlaxCLIPTextModel"):
         pytest.skip("needs transformers' Flax CLIP (transformers < 5)")
-    import _tiny_sd
-
     pipe = _tiny_sd.build_tiny_torch_pipeline(tmp_path / "model")
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
